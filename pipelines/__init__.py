@@ -1,0 +1,1 @@
+"""Pipelines: manifests, configs, media decoding, Dask orchestration, shard writing and the store."""
