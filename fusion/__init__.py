@@ -1,0 +1,1 @@
+"""Fusion: streaming loaders, fusion models, training, evaluation and reports."""

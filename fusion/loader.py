@@ -1,0 +1,263 @@
+"""Streaming loader: store shards -> joined, decoded samples -> batched tensors on the device.
+
+Reading uses webdataset's own tar iteration and node/worker splitting. Groups are stored
+side by side (one tar per group per shard, same keys in the same order), so a sample is
+the join of its members across the requested groups; keys that disagree are an error.
+Only ``.npy`` (``allow_pickle=False``) and ``.json`` members are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import split_by_node, split_by_worker
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from features.errors import ShardFormatError
+from features.spec import FieldSpec
+from pipelines.store import open_store
+
+
+def decode_member(shard: str, name: str, suffix: str, data: bytes):
+    """Decode one member: ``.json`` or ``.npy`` only; anything else is refused."""
+    if suffix == "json":
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ShardFormatError(f"{shard}: member {name!r}: invalid JSON: {exc}") from exc
+    if suffix.endswith(".npy") or suffix == "npy":
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exc:
+            raise ShardFormatError(f"{shard}: member {name!r}: not a plain .npy array (pickle refused): {exc}") from exc
+    raise ShardFormatError(f"{shard}: member {name!r}: extension {suffix!r} is not allowed (only .npy and .json)")
+
+
+def iter_group_shard(path: Path) -> Iterator[dict]:
+    """Samples of one group's tar shard: {"__key__", "json", "<field>.npy", ...} as raw bytes."""
+    with open(path, "rb") as f:
+        stream = ({**m, "__url__": str(path)} for m in tar_file_iterator(f))
+        yield from group_by_keys(stream)
+
+
+def iter_joined(shard: str, paths: dict[str, Path]) -> Iterator[dict]:
+    """Join one shard across groups by key; decode; yield {"key", "label", "present", "fields"}."""
+    iters = {g: iter_group_shard(p) for g, p in paths.items()}
+    groups = list(iters)
+    while True:
+        raw = {}
+        for g in groups:
+            raw[g] = next(iters[g], None)
+        ended = [g for g in groups if raw[g] is None]
+        if ended:
+            if len(ended) != len(groups):
+                live = [g for g in groups if raw[g] is not None]
+                raise ShardFormatError(
+                    f"shard {shard}: group(s) {ended} ended before {live} (next key {raw[live[0]]['__key__']!r})"
+                )
+            return
+        key = raw[groups[0]]["__key__"]
+        for g in groups[1:]:
+            if raw[g]["__key__"] != key:
+                raise ShardFormatError(
+                    f"shard {shard}: key mismatch between groups: {groups[0]!r} has {key!r}, "
+                    f"{g!r} has {raw[g]['__key__']!r}"
+                )
+        sample = {"key": key, "label": None, "present": {}, "fields": {}}
+        for g in groups:
+            for suffix, data in raw[g].items():
+                if suffix.startswith("__"):
+                    continue
+                value = decode_member(shard, f"{key}.{suffix}", suffix, data)
+                if suffix == "json":
+                    sample["label"] = int(value["label"])
+                    sample["present"][g] = bool(value.get("present", True))
+                else:
+                    sample["fields"][f"{g}.{suffix[: -len('.npy')]}"] = value
+        yield sample
+
+
+def collate(samples: list[dict], specs: dict[str, FieldSpec], field_groups: dict[str, str]) -> dict:
+    """Batch samples: stack fixed fields, zero-pad variable ones with lengths and masks."""
+    b = len(samples)
+    batch = {
+        "keys": [s["key"] for s in samples],
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "features": {},
+        "lengths": {},
+        "mask": {},
+        "present": {},
+    }
+    for g in dict.fromkeys(field_groups.values()):
+        batch["present"][g] = torch.tensor([s["present"].get(g, False) for s in samples], dtype=torch.bool)
+    for name, spec in specs.items():
+        dtype = np.float32 if np.dtype(spec.dtype).kind == "f" else np.dtype(spec.dtype)
+        arrays = [s["fields"].get(name) for s in samples]
+        if spec.variable:
+            lengths = np.array([0 if a is None else a.shape[0] for a in arrays], dtype=np.int64)
+            rest = next((a.shape[1:] for a in arrays if a is not None), tuple(spec.shape[1:]))
+            out = np.zeros((b, max(int(lengths.max()), 1), *rest), dtype=dtype)
+            for i, a in enumerate(arrays):
+                if a is not None:
+                    out[i, : a.shape[0]] = a
+            batch["lengths"][name] = torch.from_numpy(lengths)
+            batch["mask"][name] = torch.arange(out.shape[1])[None, :] < batch["lengths"][name][:, None]
+        else:
+            out = np.zeros((b, *spec.shape), dtype=dtype)
+            for i, a in enumerate(arrays):
+                if a is not None:
+                    out[i] = a
+        batch["features"][name] = torch.from_numpy(out)
+    return batch
+
+
+def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
+    return hash((seed, epoch, *extra)) & 0x7FFFFFFF
+
+
+class ShardStream(IterableDataset):
+    """Batches from the shards of one split, split by node and DataLoader worker."""
+
+    def __init__(self, root: str, shards: list[str], paths: dict[str, dict[str, str]], specs, field_groups,
+                 batch_size: int, shuffle: bool, seed: int, buffer_size: int) -> None:
+        self.root, self.shards, self.paths = root, shards, paths
+        self.specs, self.field_groups = specs, field_groups
+        self.batch_size, self.shuffle, self.seed, self.buffer_size = batch_size, shuffle, seed, buffer_size
+        self.epoch = 0
+
+    def epoch_shards(self) -> list[str]:
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(_epoch_seed(self.seed, self.epoch)).shuffle(shards)
+        return shards
+
+    def __iter__(self) -> Iterator[dict]:
+        shards = list(split_by_worker(split_by_node(self.epoch_shards())))
+        samples = (s for shard in shards for s in iter_joined(shard, {g: Path(p[shard]) for g, p in self.paths.items()}))
+        if self.shuffle:
+            from webdataset.filters import _shuffle
+
+            info = get_worker_info()
+            wid = info.id if info else 0
+            rng = random.Random(_epoch_seed(self.seed, self.epoch, wid, _rank()))
+            samples = _shuffle(samples, bufsize=self.buffer_size, initial=self.buffer_size, rng=rng)
+        buf = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) == self.batch_size:
+                yield collate(buf, self.specs, self.field_groups)
+                buf = []
+        if buf:
+            yield collate(buf, self.specs, self.field_groups)
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=non_blocking)
+        elif isinstance(v, dict):
+            out[k] = {n: t.to(device, non_blocking=non_blocking) for n, t in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def _record_stream(batch: dict, stream) -> None:
+    for v in batch.values():
+        for t in v.values() if isinstance(v, dict) else [v]:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(stream)
+
+
+class StreamingLoader:
+    """Iterable of batch dicts for one split of a store.
+
+    Batches: ``{"keys", "label", "features": {group.field: (B, ...)}, "lengths", "mask",
+    "present": {group: (B,)}}``. Shards are shuffled per epoch from (seed, epoch) and
+    samples through a buffer; shards are split across ranks and DataLoader workers. On
+    CUDA, batches come from pinned memory and the next batch is copied on a side stream
+    while the current one is used.
+    """
+
+    def __init__(self, store: str | Path, split: str, groups: list[str] | None = None, batch_size: int = 64,
+                 shuffle: bool = False, seed: int = 0, num_workers: int = 0, device: str | torch.device = "cpu",
+                 buffer_size: int = 512) -> None:
+        self.store = open_store(store)
+        self.split = split
+        self.groups = self.store.check_groups(groups)
+        self.batch_size, self.shuffle, self.seed, self.num_workers = batch_size, shuffle, seed, num_workers
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.field_specs: dict[str, FieldSpec] = {}
+        self.field_groups: dict[str, str] = {}
+        for g in self.groups:
+            for f, spec in self.store.field_specs(g).items():
+                self.field_specs[f"{g}.{f}"] = spec
+                self.field_groups[f"{g}.{f}"] = g
+        shards = self.store.shards(split)
+        self._shard_sizes = dict(zip(shards, self.store.meta["splits"][split]["shard_samples"]))
+        paths = {g: {s: str(self.store.shard_path(g, s)) for s in shards} for g in self.groups}
+        self.dataset = ShardStream(str(self.store.root), shards, paths, self.field_specs, self.field_groups,
+                                   batch_size, shuffle, seed, buffer_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.store.num_classes
+
+    @property
+    def num_samples(self) -> int:
+        return self.store.num_samples(self.split)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch (each worker ends with a partial batch)."""
+        shards = self.dataset.epoch_shards()[_rank() :: _world()]
+        n_workers = max(self.num_workers, 1)
+        return sum(
+            math.ceil(sum(self._shard_sizes[s] for s in shards[w::n_workers]) / self.batch_size)
+            for w in range(n_workers)
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=cuda,
+                            persistent_workers=False)
+        if not cuda:
+            for batch in loader:
+                yield to_device(batch, self.device)
+            return
+        copy_stream = torch.cuda.Stream(device=self.device)
+        pending = None
+        for batch in loader:
+            with torch.cuda.stream(copy_stream):
+                nxt = to_device(batch, self.device, non_blocking=True)
+            if pending is not None:
+                yield pending  # the consumer's step overlaps the copy of ``nxt``
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(copy_stream)
+            _record_stream(nxt, main)  # allocated on the side stream, used on the main one
+            pending = nxt
+        if pending is not None:
+            yield pending

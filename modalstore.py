@@ -1,0 +1,196 @@
+"""The ``modalstore`` command line: the edge of the project, importing all three packages.
+
+Each subcommand is a thin wrapper: parse arguments, call one library function, print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+EPILOG = """\
+typical flow:
+  modalstore demo-data data/demo --samples 1600 --seed 0
+  modalstore extract configs/extract_demo.yaml
+  modalstore train configs/train_demo.yaml
+  modalstore evaluate runs/demo
+  modalstore report runs/demo
+
+Run 'modalstore COMMAND --help' for the options of a command.
+"""
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipelines.demo_data import make_demo_dataset
+
+    manifest = make_demo_dataset(args.out, n_samples=args.samples, seed=args.seed, missing_rate=args.missing_rate,
+                                 progress=not args.quiet)
+    print(f"wrote {args.samples} samples; manifest: {manifest}")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from pipelines.cluster import connect, local_client
+    from pipelines.extract import load_extract_config, prepare, run_extract
+
+    config = load_extract_config(args.config, args.set)
+    if args.dry_run:
+        manifest, plans, tasks, group_meta = prepare(config)
+        print(f"manifest {manifest.path}: {len(manifest)} samples, modalities {manifest.modalities}")
+        print(f"{len(plans)} shards of up to {config.samples_per_shard} samples")
+        for name, meta in group_meta.items():
+            fields = ", ".join(f"{k} {v['dtype']}{tuple(v['shape'])}" for k, v in meta["fields"].items())
+            print(f"  group {name}: {meta['extractor']} v{meta['version']} -> {fields}")
+        return 0
+    client = None
+    try:
+        if args.scheduler:
+            client = connect(args.scheduler)
+        elif not args.serial:
+            client = local_client(args.workers)
+        summary = run_extract(config, client=client, overwrite=args.overwrite, progress=not args.quiet)
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and not args.scheduler:
+                cluster.close()
+    print(summary)
+    for row in summary.error_rows[:10]:
+        print(f"  error: {row['key']} [{row['group']}/{row['stage']}] {row['error_type']}: {row['message']}")
+    if len(summary.error_rows) > 10:
+        print(f"  ... {len(summary.error_rows) - 10} more in {summary.store}/catalog/errors.parquet")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fusion.train import TrainConfig, train_all
+    from pipelines.config import load_config
+
+    config = load_config(TrainConfig, args.config, args.set)
+    runs = train_all(config, progress=not args.quiet)
+    for run in runs:
+        print(f"trained {run}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fusion.evaluate import evaluate_all, evaluate_run
+
+    path = Path(args.run)
+    if (path / "checkpoint.pt").exists():
+        results = [evaluate_run(path, split=args.split)]
+    else:
+        results = evaluate_all(path, split=args.split)
+    for m in results:
+        print(f"{m['run']:<24} acc {m['accuracy']:.3f}  macro-recall {m['macro_recall']:.3f}  "
+              f"macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, {args.split})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fusion.report import write_report
+
+    print(write_report(args.runs_dir))
+    return 0
+
+
+def _cmd_extractors(args: argparse.Namespace) -> int:
+    from features import get_extractor, list_extractors
+    from features.registry import describe_params
+
+    rows = []
+    for name in list_extractors():
+        cls = get_extractor(name)
+        rows.append({"name": name, "modality": cls.modality, "version": cls.version,
+                     "description": cls.description,
+                     "params": {p: d for p, _, d in describe_params(cls)}})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        print(f"{r['name']} ({r['modality']}, v{r['version']}): {r['description']}")
+        for p, d in r["params"].items():
+            print(f"    {p} = {d!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modalstore",
+        description="Extract image/audio/video/text features into WebDataset shards, stream them, "
+        "and train multimodal fusion models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"modalstore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, func, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("demo-data", "write the synthetic multimodal demo dataset (PNG, WAV, MP4, captions, manifest)",
+            _cmd_demo_data,
+            "Write a synthetic 16-class dataset where each modality carries one bit of the label "
+            "(label = 8*image_bit + 4*audio_bit + 2*video_bit + text_bit), so only fusion can solve it.")
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--samples", type=int, default=1600, help="number of samples (default 1600)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    p.add_argument("--missing-rate", type=float, default=0.0, help="fraction of media cells left empty (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("extract", "extract features into a store (Dask: local cluster, or --scheduler)", _cmd_extract,
+            "Read an extraction config (manifest, store, samples_per_shard, groups of extractor + params), "
+            "validate the manifest, then run one task per shard on Dask and write WebDataset shards, "
+            "the Parquet catalog and store.json.")
+    p.add_argument("config", help="extraction YAML config (see configs/extract_demo.yaml)")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    p.add_argument("--serial", action="store_true", help="no Dask: run every shard in this process")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at the same path")
+    p.add_argument("--dry-run", action="store_true", help="validate config and manifest, print the plan, stop")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. samples_per_shard=64")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("train", "train fusion models and unimodal baselines on a store", _cmd_train,
+            "Train every model listed in the config (\"unimodal\" expands to one baseline per group); "
+            "each run writes config.yaml, checkpoint.pt and log.jsonl under runs_dir/<run>/.")
+    p.add_argument("config", help="training YAML config (see configs/train_demo.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. epochs=5")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("evaluate", "compute accuracy, macro recall and macro F1 into metrics.json", _cmd_evaluate)
+    p.add_argument("run", help="a run folder (with checkpoint.pt) or a folder of runs")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+
+    p = add("report", "write runs_dir/report.md comparing every evaluated run", _cmd_report)
+    p.add_argument("runs_dir", help="folder of evaluated runs")
+
+    p = add("extractors", "list every extractor with its parameters and defaults", _cmd_extractors)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from features.errors import ModalstoreError
+
+    try:
+        return args.func(args)
+    except ModalstoreError as exc:
+        print(f"modalstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"modalstore {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

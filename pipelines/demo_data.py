@@ -1,0 +1,334 @@
+"""Synthetic multimodal demo dataset: real PNG, WAV and MP4 files plus captions, and a manifest.
+
+Label design: four independent fair binary factors, one per modality;
+label = 8*image_bit + 4*audio_bit + 2*video_bit + text_bit (16 classes). So any single modality
+can know only 1 of 4 bits: at most 1/8 = 12.5 % accuracy alone, whereas a fusion of all four can
+reach > 90 %.
+
+- image_bit: whether the handwritten digit (scikit-learn's ``load_digits``) is >= 5. Train
+  samples draw from one pool of digit images and val/test samples from a disjoint pool, so no
+  test image is a train image.
+- audio_bit: pitch register of a short harmonic tone of a few notes: 0 = low (fundamentals in
+  150-320 Hz), 1 = high (650-1300 Hz). Random duration, onset, amplitude and white noise
+  (SNR 5-15 dB); the bit does not depend on temporal order, so time-pooled MFCC statistics see it.
+- video_bit: horizontal motion direction of a smooth random texture: 0 = leftwards,
+  1 = rightwards, at 1.5-3 px/frame with a small vertical drift (|dy| <= 0.5 px/frame).
+- text_bit: the caption holds one mood word, calm (0) or lively (1), inside a random template
+  with filler words (colors, objects, places) independent of every factor.
+
+Labels are balanced (each class n/16 times, +-1) and splits (train 70 %, val 15 %, test 15 %)
+are stratified by label. Every sample draws from its own generator ``default_rng([seed, 0, i])``,
+so a given seed always gives byte-identical files whatever the generation order.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import wave
+from fractions import Fraction
+from functools import cache
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+MEDIA_COLUMNS = ("image", "audio", "video", "text")
+MANIFEST_COLUMNS = (
+    "key",
+    "label",
+    "split",
+    *MEDIA_COLUMNS,
+    "digit",
+    "image_bit",
+    "audio_bit",
+    "video_bit",
+    "text_bit",
+)
+
+LOW_REGISTER_HZ = (150.0, 320.0)
+HIGH_REGISTER_HZ = (650.0, 1300.0)
+CALM_WORDS = ("calm", "quiet", "gentle", "peaceful", "serene", "soft", "still", "tranquil", "mellow", "hushed")
+LIVELY_WORDS = ("loud", "wild", "energetic", "chaotic", "fierce", "frantic", "noisy", "vibrant", "rowdy", "hectic")
+COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "grey", "white", "brown", "pink")
+OBJECTS = ("kite", "bicycle", "lantern", "teapot", "umbrella", "boat", "piano", "garden", "bridge", "tram")
+PLACES = ("harbor", "market", "park", "library", "station", "village", "forest", "rooftop", "beach", "square")
+TEMPLATES = (
+    "A {mood} scene with a {color} {obj} near the {place}.",
+    "The {place} felt {mood} around the {color} {obj}.",
+    "Someone left a {color} {obj} in a {mood} corner of the {place}.",
+    "{Mood} afternoon at the {place}, a {color} {obj} in view.",
+    "We watched a {color} {obj} by the {place}; everything was {mood}.",
+    "In the {place} the mood was {mood} and a {color} {obj} stood nearby.",
+)
+
+# Stream tags keep the per-sample, assignment and missingness generators independent.
+_SAMPLE_STREAM, _ASSIGN_STREAM, _MISSING_STREAM, _POOL_STREAM = 0, 1, 2, 3
+
+
+def make_demo_dataset(
+    out_dir: str | Path,
+    n_samples: int = 1600,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    audio_seconds: float = 1.0,
+    sample_rate: int = 16000,
+    video_frames: int = 16,
+    video_size: int = 64,
+    fps: int = 8,
+    missing_rate: float = 0.0,
+    progress: bool = True,
+) -> Path:
+    """Write the synthetic multimodal demo dataset; return the manifest path (OUT/manifest.csv).
+
+    ``missing_rate`` blanks that fraction of each media cell independently (the file is not
+    written and the manifest cell is empty); the documentation columns keep every bit.
+    """
+    _check_args(
+        n_samples, seed, image_size, audio_seconds, sample_rate, video_frames, video_size, fps, missing_rate
+    )
+    out = Path(out_dir)
+    for sub in ("images", "audio", "video"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    labels, splits = _assign_labels_and_splits(n_samples, seed)
+    pools = _digit_pools(seed)
+    rows = []
+    for i in tqdm(range(n_samples), desc="demo dataset", unit="sample", disable=not progress):
+        key = f"demo-{i:06d}"
+        label, split = int(labels[i]), SPLITS[splits[i]]
+        bits = {name: (label >> shift) & 1 for name, shift in zip(MEDIA_COLUMNS, (3, 2, 1, 0))}
+        missing = np.random.default_rng([seed, _MISSING_STREAM, i]).random(len(MEDIA_COLUMNS)) < missing_rate
+        present = dict(zip(MEDIA_COLUMNS, ~missing))
+        rng = np.random.default_rng([seed, _SAMPLE_STREAM, i])
+        # Draw every factor in a fixed order whether or not its file is written, so that
+        # missing_rate changes which cells are blank but not what the present ones contain.
+        digit, rgb = _make_image(rng, bits["image"], pools["train" if split == "train" else "eval"], image_size)
+        pcm = _make_audio(rng, bits["audio"], audio_seconds, sample_rate)
+        frames = _make_video(rng, bits["video"], video_frames, video_size)
+        caption = _make_caption(rng, bits["text"])
+
+        row = {"key": key, "label": label, "split": split, "digit": digit}
+        row.update({f"{name}_bit": bit for name, bit in bits.items()})
+        row["image"] = row["audio"] = row["video"] = row["text"] = ""
+        if present["image"]:
+            row["image"] = f"images/{key}.png"
+            Image.fromarray(rgb, mode="RGB").save(out / row["image"], format="PNG")
+        if present["audio"]:
+            row["audio"] = f"audio/{key}.wav"
+            _write_wav(out / row["audio"], pcm, sample_rate)
+        if present["video"]:
+            row["video"] = f"video/{key}.mp4"
+            _write_mp4(out / row["video"], frames, fps)
+        if present["text"]:
+            row["text"] = caption
+        rows.append(row)
+
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def _check_args(
+    n_samples, seed, image_size, audio_seconds, sample_rate, video_frames, video_size, fps, missing_rate
+) -> None:
+    def bad(name: str, value: object, need: str) -> ValueError:
+        return ValueError(f"make_demo_dataset: {name}={value!r} is invalid; {need}")
+
+    if not isinstance(n_samples, int) or n_samples < 16:
+        raise bad("n_samples", n_samples, "need an int >= 16 so that all 16 classes can appear")
+    if not isinstance(seed, int) or seed < 0:
+        raise bad("seed", seed, "need a non-negative int")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise bad("image_size", image_size, "need an int >= 8 (the source digits are 8x8)")
+    if not audio_seconds > 0:
+        raise bad("audio_seconds", audio_seconds, "need a positive duration")
+    if not isinstance(sample_rate, int) or sample_rate < 4000:
+        raise bad("sample_rate", sample_rate, "need an int >= 4000 Hz so the high register is below Nyquist")
+    if not isinstance(video_frames, int) or video_frames < 2:
+        raise bad("video_frames", video_frames, "need an int >= 2 so that there is motion")
+    if not isinstance(video_size, int) or video_size < 16 or video_size % 2:
+        raise bad("video_size", video_size, "need an even int >= 16 (yuv420p needs even sizes)")
+    if not isinstance(fps, int) or fps < 1:
+        raise bad("fps", fps, "need an int >= 1")
+    if not 0.0 <= missing_rate < 1.0:
+        raise bad("missing_rate", missing_rate, "need a fraction in [0, 1)")
+
+
+def _assign_labels_and_splits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, _ASSIGN_STREAM])
+    labels = rng.permutation(np.resize(np.arange(16), n))
+    # Rank samples by how many of their class came before: the first 70 % of ranks then hold
+    # ~70 % of every class, so each split is stratified by label.
+    occurrence = np.zeros(n, dtype=np.int64)
+    counts = np.zeros(16, dtype=np.int64)
+    for i, label in enumerate(labels):
+        occurrence[i] = counts[label]
+        counts[label] += 1
+    order = np.lexsort((rng.random(n), occurrence / counts[labels]))
+    bounds = np.round(np.cumsum(SPLIT_FRACTIONS)[:-1] * n).astype(int)
+    splits = np.empty(n, dtype=np.int64)
+    splits[order] = np.searchsorted(bounds, np.arange(n), side="right")
+    return labels, splits
+
+
+@cache
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+
+
+def _digit_pools(seed: int) -> dict[str, list[np.ndarray]]:
+    """Disjoint image pools, per digit: 70 % of each digit's images for train, the rest for val/test."""
+    _, targets = _load_digits()
+    rng = np.random.default_rng([seed, _POOL_STREAM])
+    pools: dict[str, list[np.ndarray]] = {"train": [], "eval": []}
+    for d in range(10):
+        idx = rng.permutation(np.flatnonzero(targets == d))
+        cut = int(round(0.7 * len(idx)))
+        pools["train"].append(idx[:cut])
+        pools["eval"].append(idx[cut:])
+    return pools
+
+
+def _make_image(
+    rng: np.random.Generator, bit: int, pool: list[np.ndarray], size: int
+) -> tuple[int, np.ndarray]:
+    images, _ = _load_digits()
+    digit = int(rng.integers(5)) + 5 * bit
+    src = images[rng.choice(pool[digit])]
+    # One affine warp from the 8x8 source straight to the canvas: upscale, small rotation,
+    # scale and shift jitter.
+    angle = math.radians(rng.uniform(-8.0, 8.0))
+    scale = size / 8.0 * rng.uniform(0.85, 1.0)
+    shift = rng.uniform(-0.06, 0.06, size=2) * size
+    cos, sin = scale * math.cos(angle), scale * math.sin(angle)
+    centre = np.array([size / 2.0, size / 2.0]) + shift
+    m = np.array([[cos, -sin, 0.0], [sin, cos, 0.0]])
+    m[:, 2] = centre - m[:, :2] @ np.array([4.0, 4.0])
+    gray = cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_CUBIC, borderValue=0.0)
+    gray = np.clip(gray, 0.0, 1.0)
+    tint = rng.uniform(0.75, 1.0, size=3)  # a slightly coloured white ink on black
+    rgb = gray[..., None] * tint + rng.normal(0.0, 0.03, size=(size, size, 3))
+    return digit, (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _make_audio(rng: np.random.Generator, bit: int, seconds: float, sr: int) -> np.ndarray:
+    n_out = int(round(seconds * sr))
+    duration = rng.uniform(0.5, 1.0)
+    n_tone = int(round(duration * sr))
+    n_notes = int(rng.integers(2, 4))
+    lo, hi = HIGH_REGISTER_HZ if bit else LOW_REGISTER_HZ
+    f0s = rng.uniform(lo, hi, size=n_notes)
+    harmonic_decay = rng.uniform(0.4, 0.7)
+    edges = np.linspace(0, n_tone, n_notes + 1).astype(int)
+    tone = np.zeros(n_tone)
+    for f0, start, stop in zip(f0s, edges[:-1], edges[1:]):
+        t = np.arange(stop - start) / sr
+        note = np.zeros_like(t)
+        for k in range(1, 5):
+            if k * f0 < 0.45 * sr:
+                note += harmonic_decay ** (k - 1) * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi))
+        ramp = min(len(t) // 2, int(0.01 * sr))  # 10 ms fades avoid clicks between notes
+        env = np.ones_like(t)
+        if ramp:
+            env[:ramp] = np.linspace(0.0, 1.0, ramp)
+            env[-ramp:] = env[:ramp][::-1]
+        tone[start:stop] = note * env
+    tone *= rng.uniform(0.2, 0.6) / max(np.abs(tone).max(), 1e-9)
+    onset = int(rng.integers(0, max(n_out - n_tone, 0) + 1))
+    signal = np.zeros(n_out)
+    kept = tone[: max(n_out - onset, 0)]
+    signal[onset : onset + len(kept)] = kept
+    snr_db = rng.uniform(5.0, 15.0)
+    noise_rms = math.sqrt(np.mean(tone**2) / 10 ** (snr_db / 10))
+    signal += rng.normal(0.0, noise_rms, size=n_out)
+    return (np.clip(signal, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+def _make_video(rng: np.random.Generator, bit: int, n_frames: int, size: int) -> np.ndarray:
+    speed = rng.uniform(1.5, 3.0) * (1 if bit else -1)
+    drift = rng.uniform(-0.5, 0.5)
+    margin_x = int(math.ceil(3.0 * (n_frames - 1))) + 4
+    margin_y = int(math.ceil(0.5 * (n_frames - 1))) + 4
+    h, w = size + 2 * margin_y, size + 2 * margin_x
+    sigma = rng.uniform(1.5, 3.0)
+    texture = cv2.GaussianBlur(rng.normal(size=(h, w, 3)).astype(np.float32), (0, 0), sigma)
+    texture = (texture - texture.mean()) / (texture.std() + 1e-6)
+    texture = np.clip(0.5 + 0.18 * texture * rng.uniform(0.7, 1.3, size=3), 0.0, 1.0).astype(np.float32)
+    frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    x0 = margin_x + 0.5 * (n_frames - 1) * speed  # start so the window stays inside the texture
+    y0 = margin_y - 0.5 * (n_frames - 1) * drift
+    for t in range(n_frames):
+        # dst(x, y) = texture(x + ox, y + oy): shrinking ox moves the content rightwards.
+        ox, oy = x0 - speed * t, y0 + drift * t
+        m = np.array([[1.0, 0.0, ox], [0.0, 1.0, oy]])
+        frame = cv2.warpAffine(texture, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        frame = frame + rng.normal(0.0, 0.01, size=frame.shape)
+        frames[t] = (np.clip(frame, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return frames
+
+
+def _make_caption(rng: np.random.Generator, bit: int) -> str:
+    mood = str(rng.choice(LIVELY_WORDS if bit else CALM_WORDS))
+    template = str(rng.choice(TEMPLATES))
+    return template.format(
+        mood=mood,
+        Mood=mood.capitalize(),
+        color=rng.choice(COLORS),
+        obj=rng.choice(OBJECTS),
+        place=rng.choice(PLACES),
+    )
+
+
+def _write_wav(path: Path, pcm: np.ndarray, sr: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.astype("<i2").tobytes())
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        # One encoder thread and no clock-derived metadata keep the bytes reproducible.
+        stream.options = {"x264-params": "threads=1", "crf": "18", "preset": "medium"}
+        stream.codec_context.thread_count = 1
+        for t, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(rgb), format="yuv420p")
+            frame.pts, frame.time_base = t, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range I420 planes stacked as (h * 3 // 2, w), what decoders assume for yuv420p."""
+    # Converting here instead of letting swscale do it: swscale's rgb24 -> yuv420p path gave
+    # run-to-run byte differences in the encoded files.
+    x = rgb.astype(np.float64) / 255.0
+    y = 16.0 + x @ np.array([65.481, 128.553, 24.966])
+    cb = 128.0 + x @ np.array([-37.797, -74.203, 112.0])
+    cr = 128.0 + x @ np.array([112.0, -93.786, -18.214])
+    h, w = y.shape
+
+    def half(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w)
+
+    planes = np.concatenate([y, half(cb), half(cr)])
+    return np.clip(np.round(planes), 0, 255).astype(np.uint8)

@@ -1,0 +1,311 @@
+"""Extraction: manifest + config -> one task per shard -> WebDataset shards + Parquet catalog.
+
+The task (``extract_shard``) is a pure module-level function, so a Dask worker or the
+current process can run it. Each task owns its output files and returns catalog rows;
+the driver combines them and writes the catalog and ``store.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.errors import ConfigError, ModalstoreError, StoreError
+from features.registry import create_extractor, get_extractor
+from pipelines.config import load_config, to_dict
+from pipelines.manifest import Manifest, read_manifest
+from pipelines.media import decode
+from pipelines.shards import ShardPlan, ShardWriter, plan_shards
+from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
+
+_GROUP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MISSING_MEDIA_POLICIES = ("error", "record")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One feature group: an extractor and its parameters."""
+
+    extractor: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The ``modalstore extract`` config file (paths relative to the working directory)."""
+
+    manifest: str
+    store: str
+    groups: dict[str, GroupConfig]
+    samples_per_shard: int = 256
+    missing_media: str = "error"
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ConfigError("groups: at least one feature group is required")
+        for name, group in self.groups.items():
+            if not _GROUP_NAME.match(name):
+                raise ConfigError(f"groups.{name}: group names are lower-case identifiers ([a-z][a-z0-9_]*)")
+            get_extractor(group.extractor)  # unknown extractor -> ConfigError listing the valid ones
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"samples_per_shard: must be >= 1, got {self.samples_per_shard}")
+        if self.missing_media not in MISSING_MEDIA_POLICIES:
+            raise ConfigError(f"missing_media: {self.missing_media!r} is not one of {MISSING_MEDIA_POLICIES}")
+
+
+def load_extract_config(path: str | Path, overrides: list[str] | None = None) -> ExtractConfig:
+    return load_config(ExtractConfig, path, overrides)
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """What a shard task needs to know of a group (picklable)."""
+
+    name: str
+    extractor: str
+    params: dict[str, Any]
+    modality: str
+
+
+# One extractor instance per process and configuration: models load once per worker.
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def _extractor(task: GroupTask):
+    cache_key = json.dumps([task.extractor, task.params], sort_keys=True, default=str)
+    ex = _EXTRACTORS.get(cache_key)
+    if ex is None:
+        ex = create_extractor(task.extractor, task.params)
+        ex.setup()
+        _EXTRACTORS[cache_key] = ex
+    return ex
+
+
+def _pin_threads() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _error_row(sample, group: str, shard: str, stage: str, exc: BaseException) -> dict:
+    return {
+        "key": sample.key,
+        "group": group,
+        "shard": shard,
+        "stage": stage,
+        "error_type": type(exc).__name__,
+        "message": str(exc)[:2000],
+    }
+
+
+def _check_outputs(ex, out: dict[str, np.ndarray]) -> None:
+    spec = ex.output_spec()
+    if set(out) != set(spec):
+        raise ModalstoreError(f"extractor {ex.name!r} returned fields {sorted(out)}, spec says {sorted(spec)}")
+    for name, arr in out.items():
+        spec[name].check(name, arr)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ModalstoreError(f"extractor {ex.name!r}, field {name!r}: output contains NaN or Inf")
+
+
+def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, pin_threads: bool = False) -> dict:
+    """Compute every group for the samples of one shard and write one tar per group.
+
+    Per-sample failures become error rows and a placeholder (``present: false``), so
+    every group's shard holds the same keys in the same order.
+    """
+    if pin_threads:
+        _pin_threads()
+    t0 = time.perf_counter()
+    n = len(plan.samples)
+    present = {g.name: [False] * n for g in groups}
+    errors: list[dict] = []
+    files: list[dict] = []
+    members: list[dict] = []
+    decoded_cache: dict[tuple, Any] = {}
+    for g in groups:
+        ex = _extractor(g)
+        request = ex.decode_request()
+        outputs: list[dict | None] = [None] * n
+        todo, medias = [], []
+        for i, sample in enumerate(plan.samples):
+            source = sample.media.get(g.modality)
+            if source is None:
+                continue  # modality absent in the manifest: placeholder, not an error
+            ck = (g.modality, source, json.dumps(request, sort_keys=True))
+            try:
+                if ck not in decoded_cache:
+                    decoded_cache[ck] = decode(g.modality, source, request)
+                media = decoded_cache[ck]
+            except Exception as exc:  # noqa: BLE001 - recorded per sample by policy
+                errors.append(_error_row(sample, g.name, plan.name, "decode", exc))
+                continue
+            todo.append(i)
+            medias.append(media)
+        if todo:
+            try:
+                results = ex.extract_batch(medias)
+            except Exception:  # noqa: BLE001 - isolate the failing sample(s) one by one
+                results = []
+                for i, media in zip(todo, medias):
+                    try:
+                        results.append(ex.extract(media))
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(_error_row(plan.samples[i], g.name, plan.name, "extract", exc))
+                        results.append(None)
+            for i, out in zip(todo, results):
+                if out is None:
+                    continue
+                try:
+                    _check_outputs(ex, out)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(_error_row(plan.samples[i], g.name, plan.name, "extract", exc))
+                    continue
+                outputs[i] = out
+                present[g.name][i] = True
+        path = Path(store) / "shards" / g.name / f"{plan.name}.tar"
+        with ShardWriter(path) as writer:
+            for i, sample in enumerate(plan.samples):
+                meta = {"key": sample.key, "label": sample.label, "split": sample.split, "present": outputs[i] is not None}
+                writer.add_sample(sample.key, meta, outputs[i] or {})
+            size, digest = writer.close()
+        files.append({"group": g.name, "shard": plan.name, "split": plan.split, "samples": n, "bytes": size, "sha256": digest})
+        members.extend(
+            {"group": g.name, "shard": plan.name, "member": m.name, "offset": m.offset, "size": m.size}
+            for m in writer.members
+        )
+        if not _later_uses(groups, g):  # free decoded media no later group needs
+            decoded_cache = {k: v for k, v in decoded_cache.items() if k[0] != g.modality}
+    rows = [
+        {
+            "key": s.key,
+            "split": s.split,
+            "label": s.label,
+            "shard": plan.name,
+            "index": i,
+            **{f"has_{g.name}": present[g.name][i] for g in groups},
+        }
+        for i, s in enumerate(plan.samples)
+    ]
+    return {"shard": plan.name, "samples": rows, "errors": errors, "files": files, "members": members, "seconds": time.perf_counter() - t0}
+
+
+def _later_uses(groups: tuple[GroupTask, ...], g: GroupTask) -> bool:
+    idx = groups.index(g)
+    return any(other.modality == g.modality for other in groups[idx + 1 :])
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    samples: int
+    shards: int
+    errors: int
+    seconds: float
+    error_rows: list[dict]
+
+    def __str__(self) -> str:
+        return (
+            f"wrote {self.samples} samples in {self.shards} shards to {self.store} "
+            f"in {self.seconds:.1f} s; {self.errors} per-sample error(s)"
+        )
+
+
+def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[GroupTask, ...], dict]:
+    """Validate everything before any work starts: manifest, groups, parameters."""
+    manifest = read_manifest(config.manifest, check_files=config.missing_media == "error")
+    tasks, group_meta = [], {}
+    for name, gc in config.groups.items():
+        ex = create_extractor(gc.extractor, dict(gc.params))
+        if ex.modality not in manifest.modalities:
+            raise ConfigError(
+                f"groups.{name}: extractor {gc.extractor!r} needs {ex.modality!r} media, "
+                f"but manifest {manifest.path} has none (modalities present: {manifest.modalities})"
+            )
+        params = ex.params()
+        tasks.append(GroupTask(name=name, extractor=gc.extractor, params=params, modality=ex.modality))
+        group_meta[name] = {
+            "extractor": gc.extractor,
+            "version": type(ex).version,
+            "modality": ex.modality,
+            "params": params,
+            "fields": {k: v.to_dict() for k, v in ex.output_spec().items()},
+            "dir": f"shards/{name}",
+        }
+    plans = plan_shards(manifest.samples, config.samples_per_shard)
+    return manifest, plans, tuple(tasks), group_meta
+
+
+def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, progress: bool = True) -> ExtractSummary:
+    """Extract every group of ``config`` into a store, on ``client`` (Dask) or serially."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    store = Path(config.store)
+    if store.exists() and any(store.iterdir()):
+        if not (store / STORE_FILE).exists() and not (store / "shards").exists():
+            raise StoreError(f"{store}: exists, is not empty and is not a modalstore store; choose another path")
+        if not overwrite:
+            raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
+    manifest, plans, tasks, group_meta = prepare(config)
+    if store.exists():
+        for sub in ("shards", "catalog"):
+            shutil.rmtree(store / sub, ignore_errors=True)
+        (store / STORE_FILE).unlink(missing_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(total=len(plans), desc="extract", unit="shard", disable=not progress)
+    results = []
+    if client is None:
+        for plan in plans:
+            results.append(extract_shard(plan, tasks, str(store.resolve())))
+            bar.update(1)
+    else:
+        from distributed import as_completed
+
+        run_id = uuid.uuid4().hex[:8]
+        futures = [
+            client.submit(extract_shard, plan, tasks, str(store.resolve()), True, key=f"extract-{plan.name}-{run_id}")
+            for plan in plans
+        ]
+        for fut in as_completed(futures):
+            results.append(fut.result())
+            bar.update(1)
+    bar.close()
+    order = {p.name: i for i, p in enumerate(plans)}
+    results.sort(key=lambda r: order[r["shard"]])
+    write_catalog(store, results)
+    errors = [e for r in results for e in r["errors"]]
+    write_store_manifest(
+        store,
+        {
+            "manifest": {"path": str(Path(manifest.path).resolve()), "sha256": manifest.fingerprint, "rows": len(manifest)},
+            "classes": manifest.classes,
+            "splits": {
+                split: {
+                    "samples": sum(len(p.samples) for p in plans if p.split == split),
+                    "shards": [p.name for p in plans if p.split == split],
+                    "shard_samples": [len(p.samples) for p in plans if p.split == split],
+                }
+                for split in ("train", "val", "test")
+            },
+            "groups": group_meta,
+            "config": to_dict(config),
+            "errors": len(errors),
+        },
+    )
+    return ExtractSummary(str(store), len(manifest), len(plans), len(errors), time.perf_counter() - t0, errors)

@@ -1,0 +1,138 @@
+"""Shard planning and writing: deterministic WebDataset tar files, written atomically.
+
+A shard is a plain tar file readable by ``webdataset.WebDataset``: for every sample a
+``<key>.json`` member (key, label, split, present) and one ``<key>.<field>.npy`` member per
+feature field. Headers are deterministic (mtime 0, uid 0, mode 0644) so the same inputs
+give byte-identical shards, and each shard is written to a temporary name and renamed
+only when complete, so a crash never leaves a shard that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.manifest import SPLITS, Sample
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output shard: its name (``train-000003``), split and samples in order."""
+
+    name: str
+    split: str
+    samples: tuple[Sample, ...]
+
+
+def plan_shards(samples: list[Sample], samples_per_shard: int) -> list[ShardPlan]:
+    """Assign samples to shards split by split, in manifest order."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    plans = []
+    for split in SPLITS:
+        rows = [s for s in samples if s.split == split]
+        for i in range(0, len(rows), samples_per_shard):
+            chunk = tuple(rows[i : i + samples_per_shard])
+            plans.append(ShardPlan(f"{split}-{i // samples_per_shard:06d}", split, chunk))
+    return plans
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialise an array as ``.npy`` bytes (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass
+class MemberRecord:
+    """Where one member's payload lives inside a shard: for random access without parsing."""
+
+    name: str
+    offset: int
+    size: int
+
+
+class ShardWriter:
+    """Write one tar shard to ``path`` via a temporary file; ``close()`` publishes it.
+
+    Use as a context manager: on an exception the temporary file is removed and nothing
+    appears at ``path``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._file = open(self.tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.GNU_FORMAT)
+        self.members: list[MemberRecord] = []
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        padded = (len(data) + 511) // 512 * 512
+        self.members.append(MemberRecord(name, self._tar.offset - padded, len(data)))
+
+    def add_sample(self, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        self.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        for field in sorted(arrays):
+            self.add(f"{key}.{field}.npy", npy_bytes(arrays[field]))
+
+    def close(self) -> tuple[int, str]:
+        """Finish the tar, fsync, rename into place; return (bytes, sha256 hex)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = self._file.tell()
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return size, self._hash.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class _HashingWriter:
+    """File wrapper hashing every byte written (tarfile writes through ``write``)."""
+
+    def __init__(self, f, h) -> None:
+        self._f, self._h = f, h
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

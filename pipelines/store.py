@@ -1,0 +1,143 @@
+"""The feature store on disk: ``store.json``, the Parquet catalog and the shard files.
+
+Layout::
+
+    STORE/
+      store.json                      groups (extractor, version, params, fields), splits, classes
+      catalog/samples.parquet         key, split, label, shard, index, has_<group>
+      catalog/shards.parquet          group, shard, split, samples, bytes, sha256
+      catalog/errors.parquet          key, group, shard, stage, error_type, message
+      catalog/members.parquet         group, shard, member, offset, size (byte offsets in the tar)
+      shards/<group>/<split>-NNNNNN.tar
+
+``store.json`` is written last: a store without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from features.errors import StoreError
+from features.spec import FieldSpec
+
+STORE_FILE = "store.json"
+FORMAT_VERSION = 1
+
+_SCHEMAS = {
+    "samples": None,  # has_<group> columns vary; inferred
+    "errors": [("key", "string"), ("group", "string"), ("shard", "string"), ("stage", "string"),
+               ("error_type", "string"), ("message", "string")],
+}
+
+
+def write_catalog(store: str | Path, results: list[dict]) -> None:
+    """Write the catalog tables from shard task results (in shard order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cat = Path(store) / "catalog"
+    cat.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "samples": [row for r in results for row in r["samples"]],
+        "shards": [row for r in results for row in r["files"]],
+        "errors": [row for r in results for row in r["errors"]],
+        "members": [row for r in results for row in r["members"]],
+    }
+    for name, rows in tables.items():
+        if rows:
+            table = pa.Table.from_pylist(rows)
+        elif name == "errors":
+            table = pa.schema([pa.field(n, getattr(pa, t)()) for n, t in _SCHEMAS["errors"]]).empty_table()
+        else:
+            table = pa.table({})
+        tmp = cat / f".{name}.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, cat / f"{name}.parquet")
+
+
+def write_store_manifest(store: str | Path, body: dict) -> None:
+
+    meta = {"format": "modalstore", "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **body}
+    path = Path(store) / STORE_FILE
+    tmp = path.with_name(f".{STORE_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Store:
+    """Read side of a store: metadata, field specs, shard paths and catalog tables."""
+
+    root: Path
+    meta: dict
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.meta["groups"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["classes"])
+
+    def check_groups(self, groups: list[str] | None) -> list[str]:
+        if groups is None:
+            return self.groups
+        unknown = [g for g in groups if g not in self.meta["groups"]]
+        if unknown:
+            raise StoreError(f"{self.root}: unknown group(s) {unknown}; the store has {self.groups}")
+        return list(groups)
+
+    def field_specs(self, group: str) -> dict[str, FieldSpec]:
+        self.check_groups([group])
+        return {k: FieldSpec.from_dict(v) for k, v in self.meta["groups"][group]["fields"].items()}
+
+    def shards(self, split: str) -> list[str]:
+        try:
+            return list(self.meta["splits"][split]["shards"])
+        except KeyError:
+            raise StoreError(f"{self.root}: no split {split!r}; splits: {sorted(self.meta['splits'])}") from None
+
+    def num_samples(self, split: str) -> int:
+        return int(self.meta["splits"][split]["samples"])
+
+    def shard_path(self, group: str, shard: str) -> Path:
+        return self.root / self.meta["groups"][group]["dir"] / f"{shard}.tar"
+
+    def table(self, name: str):
+        """A catalog table (``samples``, ``shards``, ``errors``, ``members``) as a pyarrow Table."""
+        import pyarrow.parquet as pq
+
+        path = self.root / "catalog" / f"{name}.parquet"
+        if not path.exists():
+            raise StoreError(f"{self.root}: catalog table {name!r} missing ({path})")
+        return pq.read_table(path)
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a finished store; a missing or incomplete store is a StoreError."""
+    root = Path(path)
+    meta_path = root / STORE_FILE
+    if not meta_path.exists():
+        hint = " (extraction did not finish; run extract again)" if (root / "shards").exists() else ""
+        raise StoreError(f"{root}: not a modalstore store: {STORE_FILE} missing{hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{meta_path}: corrupt store manifest: {exc}") from exc
+    if meta.get("format") != "modalstore":
+        raise StoreError(f"{meta_path}: not a modalstore store manifest")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise StoreError(
+            f"{meta_path}: store format {meta['format_version']} is newer than this modalstore "
+            f"understands ({FORMAT_VERSION}); upgrade modalstore"
+        )
+    return Store(root=root, meta=meta)
