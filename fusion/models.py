@@ -13,6 +13,7 @@ loader batch to ``{"logits": (batch, classes)}``. Adding a model::
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import ClassVar
 
@@ -280,3 +281,25 @@ class Unimodal(FusionModel):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"logits": self.head(self.encoder(batch))}  # (batch, classes)
+
+
+def create_model(
+    name: str,
+    field_specs: dict[str, FieldSpec],
+    field_groups: dict[str, str],
+    groups: list[str],
+    num_classes: int,
+    **kwargs,
+) -> FusionModel:
+    """Instantiate model ``name``; a keyword it does not take is a ConfigError naming the model."""
+    cls = get_model(name)
+    try:
+        return cls(field_specs, field_groups, list(groups), num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r}: {exc}") from exc
+
+
+def model_options(name: str) -> list[str]:
+    """Extra constructor keywords of model ``name`` beyond the shared signature (``combine``...)."""
+    shared = {"self", "field_specs", "field_groups", "groups", "num_classes", "hidden", "dropout"}
+    return [p for p in inspect.signature(get_model(name).__init__).parameters if p not in shared]

@@ -64,7 +64,7 @@ TEMPLATES = (
     "Someone left a {color} {obj} in a {mood} corner of the {place}.",
     "{Mood} afternoon at the {place}, a {color} {obj} in view.",
     "We watched a {color} {obj} by the {place}; everything was {mood}.",
-    "In the {place} the mood was {mood} and a {color} {obj} stood nearby.",
+    "At the {place} the mood was {mood} and a {color} {obj} stood nearby.",
 )
 
 # Stream tags keep the per-sample, assignment and missingness generators independent.
@@ -305,30 +305,16 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # One encoder thread and no clock-derived metadata keep the bytes reproducible.
-        stream.options = {"x264-params": "threads=1", "crf": "18", "preset": "medium"}
+        # Reproducible bytes need one encoder thread and, with x264 165 as bundled by PyAV, no
+        # B-frames and no macroblock tree: with either on, identical frames encoded in the same
+        # process came out different from call to call.
+        stream.options = {"x264-params": "threads=1:bframes=0:mbtree=0", "crf": "18"}
         stream.codec_context.thread_count = 1
         for t, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(rgb), format="yuv420p")
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts, frame.time_base = t, Fraction(1, fps)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
 
-
-def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 limited-range I420 planes stacked as (h * 3 // 2, w), what decoders assume for yuv420p."""
-    # Converting here instead of letting swscale do it: swscale's rgb24 -> yuv420p path gave
-    # run-to-run byte differences in the encoded files.
-    x = rgb.astype(np.float64) / 255.0
-    y = 16.0 + x @ np.array([65.481, 128.553, 24.966])
-    cb = 128.0 + x @ np.array([-37.797, -74.203, 112.0])
-    cr = 128.0 + x @ np.array([112.0, -93.786, -18.214])
-    h, w = y.shape
-
-    def half(c: np.ndarray) -> np.ndarray:
-        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w)
-
-    planes = np.concatenate([y, half(cb), half(cr)])
-    return np.clip(np.round(planes), 0, 255).astype(np.uint8)

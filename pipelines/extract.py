@@ -89,16 +89,20 @@ def _extractor(task: GroupTask):
     return ex
 
 
-def _pin_threads() -> None:
+def _pin_threads() -> int:
+    """One thread for OpenCV and torch; returns torch's previous thread count.
+
+    Besides sharing cores fairly between worker processes, this makes model outputs
+    independent of where a task runs: float reductions split over a different number of
+    threads round differently, and stores must be byte-identical whatever the executor.
+    """
     import cv2
+    import torch
 
     cv2.setNumThreads(1)
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return previous
 
 
 def _error_row(sample, group: str, shard: str, stage: str, exc: BaseException) -> dict:
@@ -122,14 +126,13 @@ def _check_outputs(ex, out: dict[str, np.ndarray]) -> None:
             raise ModalstoreError(f"extractor {ex.name!r}, field {name!r}: output contains NaN or Inf")
 
 
-def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, pin_threads: bool = False) -> dict:
+def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) -> dict:
     """Compute every group for the samples of one shard and write one tar per group.
 
     Per-sample failures become error rows and a placeholder (``present: false``), so
     every group's shard holds the same keys in the same order.
     """
-    if pin_threads:
-        _pin_threads()
+    _pin_threads()
     t0 = time.perf_counter()
     n = len(plan.samples)
     present = {g.name: [False] * n for g in groups}
@@ -271,15 +274,21 @@ def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, pro
     bar = tqdm(total=len(plans), desc="extract", unit="shard", disable=not progress)
     results = []
     if client is None:
-        for plan in plans:
-            results.append(extract_shard(plan, tasks, str(store.resolve())))
-            bar.update(1)
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            for plan in plans:
+                results.append(extract_shard(plan, tasks, str(store.resolve())))
+                bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
     else:
         from distributed import as_completed
 
         run_id = uuid.uuid4().hex[:8]
         futures = [
-            client.submit(extract_shard, plan, tasks, str(store.resolve()), True, key=f"extract-{plan.name}-{run_id}")
+            client.submit(extract_shard, plan, tasks, str(store.resolve()), key=f"extract-{plan.name}-{run_id}")
             for plan in plans
         ]
         for fut in as_completed(futures):

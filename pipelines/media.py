@@ -1,0 +1,214 @@
+"""Media decoding: a path or URL in, the array an extractor expects out.
+
+One loader per modality and ``decode(modality, source, request)``, which passes an
+extractor's ``decode_request()`` to the loader. Sources are local paths, ``file://`` URLs
+or any fsspec URL (``s3://``, ``http://``...; those are read into memory first). Every
+failure raises ``MediaError("{source}: ...")``, never a library's own exception.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from features.errors import ConfigError, MediaError
+
+MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard: refuse larger images before decoding
+
+
+def _is_remote(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+def _open_source(source: str | os.PathLike) -> str | io.BytesIO:
+    """A checked local path, or the bytes of a remote URL in memory (seekable, re-readable)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise MediaError(f"{source!r}: expected a non-empty path or URL")
+    source = os.fspath(source)
+    if _is_remote(source):
+        try:
+            import fsspec
+
+            with fsspec.open(source, "rb") as f:
+                data = f.read()
+        except FileNotFoundError as exc:
+            raise MediaError(f"{source}: file not found") from exc
+        except Exception as exc:
+            raise MediaError(f"{source}: cannot read ({_describe(exc)})") from exc
+        if not data:
+            raise MediaError(f"{source}: file is empty (0 bytes)")
+        return io.BytesIO(data)
+    path = source.removeprefix("file://")
+    if not os.path.exists(path):
+        raise MediaError(f"{source}: file not found")
+    if not os.path.isfile(path):
+        raise MediaError(f"{source}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise MediaError(f"{source}: permission denied")
+    if os.path.getsize(path) == 0:
+        raise MediaError(f"{source}: file is empty (0 bytes)")
+    return path
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _failed(source: Any, what: str, exc: BaseException) -> MediaError:
+    return MediaError(f"{os.fspath(source)}: {what} ({_describe(exc)})")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """uint8 (height, width, 3) RGB; EXIF orientation applied, first frame of animations."""
+    from PIL import Image, ImageOps
+
+    src = _open_source(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as img:  # reads the header only
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise MediaError(
+                        f"{os.fspath(path)}: image of {w}x{h} = {w * h:,} pixels exceeds the "
+                        f"limit of {max_pixels:,} (possible decompression bomb)"
+                    )
+                img = ImageOps.exif_transpose(img)
+                rgb = np.asarray(img.convert("RGB"))
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise _failed(path, "cannot decode image", exc) from exc
+    if rgb.size == 0:
+        raise MediaError(f"{os.fspath(path)}: image has no pixels")
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> np.ndarray:
+    """float32 (samples,) mono at ``sample_rate`` (None: the file's own rate).
+
+    librosa first (soundfile: wav/flac/ogg; audioread: mp3/m4a), then PyAV for anything
+    else FFmpeg reads, including the audio track of a video file.
+    """
+    src = _open_source(path)
+    try:
+        y = _librosa_load(src, sample_rate)
+    except Exception as first:
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        try:
+            y = _pyav_load_audio(src, sample_rate)
+        except Exception as exc:
+            raise MediaError(
+                f"{os.fspath(path)}: cannot decode audio (librosa: {_describe(first)}; PyAV: {_describe(exc)})"
+            ) from exc
+    if y.size == 0:
+        raise MediaError(f"{os.fspath(path)}: audio has no samples")
+    if not np.isfinite(y).all():
+        raise MediaError(f"{os.fspath(path)}: audio contains NaN or Inf samples")
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _librosa_load(src: str | io.BytesIO, sample_rate: int | None) -> np.ndarray:
+    import librosa
+
+    with warnings.catch_warnings():
+        # "PySoundFile failed. Trying audioread instead." and audioread's deprecation: the
+        # PyAV fallback and our own error message cover both.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        y, _ = librosa.load(src, sr=sample_rate, mono=True)
+    return y
+
+
+def _pyav_load_audio(src: str | io.BytesIO, sample_rate: int | None) -> np.ndarray:
+    import av
+    import librosa
+
+    with av.open(src) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        # Planar float keeps channels apart: to_ndarray() gives (channels, samples).
+        resampler = av.AudioResampler(format="fltp")
+        chunks, native_rate = [], None
+        for frame in container.decode(stream):
+            native_rate = native_rate or frame.sample_rate
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        raise ValueError("no decodable audio frames")
+    y = np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)  # downmix like librosa
+    if sample_rate is not None and native_rate != sample_rate:
+        y = librosa.resample(y, orig_sr=native_rate, target_sr=sample_rate)
+    return y
+
+
+def load_video(
+    path: str | os.PathLike,
+    gray: bool = False,
+    size: int | None = None,
+    max_frames: int | None = None,
+) -> np.ndarray:
+    """uint8 (frames, height, width) if ``gray`` else (frames, height, width, 3) RGB.
+
+    ``size``: frames scaled to size x size by FFmpeg while converting (None or 0: native);
+    ``max_frames``: stop after that many frames (None or 0: all).
+    """
+    import av
+
+    if size is not None and size < 0:
+        raise ConfigError(f"load_video: size must be a positive int or None, got {size}")
+    src = _open_source(path)
+    fmt = "gray" if gray else "rgb24"
+    frames = []
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise MediaError(f"{os.fspath(path)}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                # Convert and scale in one swscale call: the conversion costs more than decoding.
+                frame = frame.reformat(width=size or None, height=size or None, format=fmt, interpolation="AREA")
+                frames.append(frame.to_ndarray())
+                if max_frames and len(frames) >= max_frames:
+                    break
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise _failed(path, "cannot decode video", exc) from exc
+    if not frames:
+        raise MediaError(f"{os.fspath(path)}: no decodable video frames")
+    return np.stack(frames)
+
+
+def load_text(text: Any) -> str:
+    """Inline text passes through; it must be a non-empty str."""
+    if not isinstance(text, str) or not text.strip():
+        raise MediaError(f"{text!r}: text must be a non-empty str")
+    return text
+
+
+_LOADERS = {"image": load_image, "audio": load_audio, "video": load_video, "text": load_text}
+
+
+def decode(modality: str, source: str, request: dict | None = None) -> Any:
+    """Decode ``source`` for ``modality`` with an extractor's ``decode_request()`` as options."""
+    try:
+        loader = _LOADERS[modality]
+    except KeyError:
+        raise ConfigError(f"unknown modality {modality!r}; available: {sorted(_LOADERS)}") from None
+    request = dict(request or {})
+    allowed = list(inspect.signature(loader).parameters)[1:]
+    unknown = sorted(set(request) - set(allowed))
+    if unknown:
+        raise ConfigError(f"decode request for {modality!r} has unknown key(s) {unknown}; allowed: {allowed}")
+    return loader(source, **request)

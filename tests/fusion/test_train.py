@@ -1,0 +1,217 @@
+"""Training, evaluation and report on the two-bit synthetic task, checked against scikit-learn."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
+from features.errors import ConfigError, StoreError
+from features.spec import FieldSpec
+from fusion.evaluate import evaluate_all, evaluate_run
+from fusion.models import get_model
+from fusion.report import write_report
+from fusion.train import (
+    RunSpec,
+    TrainConfig,
+    load_run_config,
+    load_train_config,
+    make_optimizer,
+    plan_runs,
+    train_all,
+    train_one,
+)
+from pipelines.config import to_dict
+
+GROUPS = ("image", "audio")
+RUN_NAMES = ["late_fusion", "unimodal-image", "unimodal-audio"]
+
+
+def small_config(runs_dir, **kw) -> TrainConfig:
+    base = dict(
+        store="fake-store",
+        runs_dir=str(runs_dir),
+        groups=list(GROUPS),
+        models=["late_fusion", "unimodal"],
+        epochs=6,
+        batch_size=32,  # the fake factory's batch size
+        lr=3e-3,
+        hidden=32,
+        dropout=0.0,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fake_loader_factory):
+    """Train, evaluate and report all three runs once for the module."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    factory = fake_loader_factory(groups=GROUPS, batch_size=32)
+    config = small_config(runs_dir)
+    paths = train_all(config, progress=False, loader_factory=factory)
+    metrics = {m["run"]: m for m in evaluate_all(runs_dir, "test", loader_factory=factory, device="cpu")}
+    report = write_report(runs_dir)
+    return SimpleNamespace(runs_dir=runs_dir, config=config, factory=factory, paths=paths, metrics=metrics, report=report)
+
+
+def test_plan_runs_expands_unimodal_per_group(tmp_path):
+    runs = plan_runs(small_config(tmp_path))
+    assert runs == [
+        RunSpec("late_fusion", "late_fusion", ("image", "audio")),
+        RunSpec("unimodal-image", "unimodal", ("image",)),
+        RunSpec("unimodal-audio", "unimodal", ("audio",)),
+    ]
+
+
+def test_fusion_beats_every_unimodal_run(trained):
+    acc = {name: m["accuracy"] for name, m in trained.metrics.items()}
+    assert set(acc) == set(RUN_NAMES)
+    assert acc["late_fusion"] > 0.9, acc
+    for name in ("unimodal-image", "unimodal-audio"):
+        # one bit of two: ~50 % at best, and clearly above the 25 % chance level once learned
+        assert 0.35 < acc[name] < 0.6, acc
+
+
+def test_run_folder_holds_config_log_and_checkpoint(trained):
+    for path, run in zip(trained.paths, plan_runs(trained.config), strict=True):
+        assert path == trained.runs_dir / run.name
+        config, saved_run = load_run_config(path / "config.yaml")
+        assert config == trained.config and saved_run == run
+
+        log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+        assert [row["epoch"] for row in log] == list(range(1, trained.config.epochs + 1))
+        assert set(log[0]) == {"epoch", "train_loss", "train_acc", "val_acc", "seconds"}
+
+        ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
+        assert ckpt["config"] == to_dict(trained.config)
+        assert ckpt["run"] == {"name": run.name, "model": run.model, "groups": list(run.groups)}
+        assert ckpt["num_classes"] == 4
+        assert set(ckpt["field_groups"].values()) == set(run.groups)
+        assert {"state", "param_groups"} <= set(ckpt["optimizer"])
+        # the checkpoint is the first epoch with the best validation accuracy in the log
+        best = max(row["val_acc"] for row in log)
+        assert ckpt["best_val_acc"] == best
+        assert ckpt["epoch"] == next(row["epoch"] for row in log if row["val_acc"] == best)
+
+
+def rebuild(ckpt: dict) -> torch.nn.Module:
+    specs = {f: FieldSpec.from_dict(d) for f, d in ckpt["field_specs"].items()}
+    cls = get_model(ckpt["run"]["model"])
+    model = cls(specs, ckpt["field_groups"], ckpt["run"]["groups"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def predictions(model, loader) -> tuple[list[int], list[int]]:
+    labels, preds = [], []
+    for batch in loader:
+        labels += batch["label"].tolist()
+        preds += model(batch)["logits"].argmax(-1).tolist()
+    return labels, preds
+
+
+def test_checkpoint_weights_reproduce_the_best_val_accuracy(trained):
+    for path in trained.paths:
+        ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
+        labels, preds = predictions(rebuild(ckpt), trained.factory("val", ckpt["run"]["groups"], False))
+        assert accuracy_score(labels, preds) == pytest.approx(ckpt["best_val_acc"])
+
+
+def test_metrics_equal_scikit_learn_on_independent_predictions(trained):
+    for path in trained.paths:
+        ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
+        labels, preds = predictions(rebuild(ckpt), trained.factory("test", ckpt["run"]["groups"], False))
+        metrics = json.loads((path / "metrics.json").read_text())
+        assert metrics == trained.metrics[path.name]
+        assert metrics["n"] == len(labels) == 256
+        assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-6)
+        assert metrics["macro_recall"] == pytest.approx(recall_score(labels, preds, average="macro"), abs=1e-6)
+        assert metrics["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"), abs=1e-6)
+        assert metrics["confusion_matrix"] == confusion_matrix(labels, preds, labels=range(4)).tolist()
+        rows = (path / "predictions.csv").read_text().splitlines()[1:]
+        assert [int(r.split(",")[2]) for r in rows] == preds
+
+
+def test_report_lists_every_run_fusion_first(trained):
+    md = (trained.runs_dir / "report.md").read_text()
+    assert md == trained.report
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [line.split(" | ")[0][2:] for line in table] == ["late_fusion", "unimodal-audio", "unimodal-image"]
+    for name, m in trained.metrics.items():
+        row = next(line for line in table if line.startswith(f"| {name} |"))
+        assert f"| {100 * m['accuracy']:.1f} | {100 * m['macro_recall']:.1f} | {100 * m['macro_f1']:.1f} |" in row
+    best_uni = max(trained.metrics[n]["accuracy"] for n in RUN_NAMES[1:])
+    margin = 100 * (trained.metrics["late_fusion"]["accuracy"] - best_uni)
+    assert f"margin {margin:+.1f} points" in md
+    assert "](report.png)" in md
+    assert (trained.runs_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_is_deterministic(tmp_path, fake_loader_factory):
+    factory = fake_loader_factory(groups=GROUPS, sizes={"train": 128, "val": 64}, batch_size=32)
+    run = RunSpec("late_fusion", "late_fusion", GROUPS)
+    states = []
+    for name in ("a", "b"):
+        config = small_config(tmp_path / name, epochs=2, dropout=0.2)
+        ckpt = torch.load(train_one(config, run, factory, progress=False) / "checkpoint.pt", weights_only=True)
+        states.append(ckpt["model"])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_evaluate_refuses_a_store_with_other_classes(trained, fake_loader_factory):
+    other = fake_loader_factory(groups=("image", "audio", "video"), sizes={"test": 16})
+    with pytest.raises(StoreError, match="trained for 4 classes, the loader has 8"):
+        evaluate_run(trained.runs_dir / "late_fusion", "test", loader_factory=other, device="cpu")
+
+
+# -- configuration errors ----------------------------------------------------------------------------
+
+
+def test_config_rejects_a_bad_optimizer(tmp_path):
+    with pytest.raises(ConfigError, match=r"TrainConfig.optimizer: must be one of \['adam', 'sgd'\], got 'rmsprop'"):
+        small_config(tmp_path, optimizer="rmsprop")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("epochs", 0, r"TrainConfig.epochs: must be >= 1, got 0"),
+        ("lr", 0.0, r"TrainConfig.lr: must be > 0"),
+        ("dropout", 1.0, r"TrainConfig.dropout: must be in \[0, 1\)"),
+        ("groups", [], r"TrainConfig.groups: must be a non-empty list"),
+        ("models", ["late_fusion", "transformer"], r"unknown model\(s\) \['transformer'\]; available: late_fusion"),
+        ("model_params", {"late_fusion": {"depth": 2}}, r"unknown option\(s\) \['depth'\]; valid: \['combine'\]"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        small_config(tmp_path, **{key: value})
+
+
+def test_load_config_rejects_unknown_keys_naming_the_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("store: stores/demo\ngroups: [image]\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml: unknown key\(s\) \['learning_rate'\]"):
+        load_train_config(path)
+
+
+def test_load_config_with_overrides_and_bad_value_names_the_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("store: stores/demo\ngroups: [image, audio]\nmodel_params: {late_fusion: {combine: learned}}\n")
+    config = load_train_config(path, ["epochs=3", "optimizer=sgd"])
+    assert (config.epochs, config.optimizer, config.models) == (3, "sgd", ["late_fusion", "unimodal"])
+    assert config.model_params == {"late_fusion": {"combine": "learned"}}
+    with pytest.raises(ConfigError, match=r"train\.yaml: TrainConfig.epochs: must be >= 1"):
+        load_train_config(path, ["epochs=0"])
+
+
+def test_sgd_uses_momentum(tmp_path):
+    opt = make_optimizer(small_config(tmp_path, optimizer="sgd", lr=0.1), [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9

@@ -1,0 +1,140 @@
+import io
+import json
+import shutil
+
+import librosa
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from store_fixtures import TINY_GROUPS, write_extract_config
+
+from features.errors import ConfigError, StoreError
+from pipelines.extract import load_extract_config, run_extract
+from pipelines.manifest import read_manifest
+from pipelines.media import load_audio
+from pipelines.shards import sha256_file
+from pipelines.store import open_store
+
+
+def test_catalog_matches_manifest(tiny_store, demo_dir):
+    manifest = read_manifest(demo_dir / "manifest.csv")
+    store = open_store(tiny_store)
+    samples = store.table("samples").to_pylist()
+    assert [r["key"] for r in samples] == [s.key for p in ("train", "val", "test") for s in manifest.samples if s.split == p]
+    by_key = {s.key: s for s in manifest.samples}
+    for r in samples:
+        assert r["split"] == by_key[r["key"]].split and r["label"] == by_key[r["key"]].label
+        assert r["shard"].startswith(r["split"] + "-")
+        assert all(r[f"has_{g}"] for g in TINY_GROUPS)
+    assert store.num_samples("train") + store.num_samples("val") + store.num_samples("test") == len(manifest)
+    assert store.table("errors").num_rows == 0
+    for row in store.table("shards").to_pylist():
+        path = store.shard_path(row["group"], row["shard"])
+        assert row["sha256"] == sha256_file(path) and row["bytes"] == path.stat().st_size
+
+
+def test_plain_webdataset_reads_shards_and_specs_hold(tiny_store):
+    store = open_store(tiny_store)
+    for group in store.groups:
+        specs = store.field_specs(group)
+        urls = [str(store.shard_path(group, s)) for s in store.shards("train")]
+        n = 0
+        for sample in wds.WebDataset(urls, shardshuffle=False):
+            meta = json.loads(sample["json"])
+            assert meta["present"] and meta["key"] == sample["__key__"]
+            for field, spec in specs.items():
+                spec.check(field, np.load(io.BytesIO(sample[f"{field}.npy"]), allow_pickle=False))
+            n += 1
+        assert n == store.num_samples("train")
+
+
+def test_mfcc_in_store_equals_direct_librosa(tiny_store, demo_dir):
+    store = open_store(tiny_store)
+    params = store.meta["groups"]["audio"]["params"]
+    manifest = {s.key: s for s in read_manifest(demo_dir / "manifest.csv").samples}
+    shard = store.shards("test")[0]
+    checked = 0
+    for sample in wds.WebDataset(str(store.shard_path("audio", shard)), shardshuffle=False):
+        stored = np.load(io.BytesIO(sample["mfcc.npy"]), allow_pickle=False)
+        y, _ = librosa.load(manifest[sample["__key__"]].media["audio"], sr=params["sample_rate"], mono=True)
+        direct = librosa.feature.mfcc(
+            y=y, sr=params["sample_rate"], n_mfcc=params["n_mfcc"], n_fft=params["n_fft"],
+            hop_length=params["hop_length"], n_mels=params["n_mels"], fmin=params["fmin"], fmax=params["fmax"],
+        ).T.astype(np.float32)
+        np.testing.assert_array_equal(stored, direct)
+        checked += 1
+    assert checked > 0
+
+
+def test_bad_media_is_recorded_and_alignment_kept(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    lines = (data / "manifest.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    first = lines[1].split(",")
+    (data / first[header.index("audio")]).write_text("this is not audio")  # a text file named .wav
+    second = lines[2].split(",")
+    (data / second[header.index("video")]).unlink()  # a missing file
+    groups = {"audio": TINY_GROUPS["audio"], "video": TINY_GROUPS["video"]}
+    cfg = write_extract_config(tmp_path / "c.yaml", data / "manifest.csv", tmp_path / "store", groups,
+                               missing_media="record")
+    summary = run_extract(load_extract_config(cfg), progress=False)
+    assert summary.errors == 2
+    store = open_store(tmp_path / "store")
+    errors = {(r["key"], r["group"]): r for r in store.table("errors").to_pylist()}
+    assert set(errors) == {(first[0], "audio"), (second[0], "video")}
+    assert errors[(first[0], "audio")]["stage"] == "decode" and errors[(first[0], "audio")]["message"]
+    rows = {r["key"]: r for r in store.table("samples").to_pylist()}
+    assert not rows[first[0]]["has_audio"] and rows[first[0]]["has_video"]
+    assert not rows[second[0]]["has_video"] and rows[second[0]]["has_audio"]
+    # every group's shard holds the same keys in the same order
+    shard = rows[first[0]]["shard"]
+    keys = {g: [s["__key__"] for s in wds.WebDataset(str(store.shard_path(g, shard)), shardshuffle=False)]
+            for g in groups}
+    assert keys["audio"] == keys["video"] and first[0] in keys["audio"]
+    # with the default policy a missing file stops before any work
+    cfg2 = write_extract_config(tmp_path / "c2.yaml", data / "manifest.csv", tmp_path / "store2", groups)
+    with pytest.raises(Exception, match=r"row 2, column 'video': file not found"):
+        run_extract(load_extract_config(cfg2), progress=False)
+    assert not (tmp_path / "store2").exists()
+
+
+def test_existing_store_needs_overwrite(tiny_store, demo_dir, tmp_path):
+    groups = {"audio": TINY_GROUPS["audio"]}
+    cfg = write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "s", groups)
+    run_extract(load_extract_config(cfg), progress=False)
+    with pytest.raises(StoreError, match="store already exists; pass --overwrite"):
+        run_extract(load_extract_config(cfg), progress=False)
+    run_extract(load_extract_config(cfg), overwrite=True, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("keep me")
+    cfg2 = write_extract_config(tmp_path / "c2.yaml", demo_dir / "manifest.csv", tmp_path / "other", groups)
+    with pytest.raises(StoreError, match="is not a modalstore store"):
+        run_extract(load_extract_config(cfg2), overwrite=True, progress=False)
+    assert (tmp_path / "other" / "precious.txt").exists()
+
+
+def test_group_needing_absent_modality_is_rejected(tmp_path):
+    (tmp_path / "m.csv").write_text("key,label,split,text\nk1,0,train,hello\n")
+    cfg = write_extract_config(tmp_path / "c.yaml", tmp_path / "m.csv", tmp_path / "s", {"audio": TINY_GROUPS["audio"]})
+    with pytest.raises(ConfigError, match=r"groups.audio: extractor 'mfcc' needs 'audio' media"):
+        run_extract(load_extract_config(cfg), progress=False)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp_path):
+    from pipelines.cluster import local_client
+
+    cfg = write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "store")
+    client = local_client(2)
+    try:
+        run_extract(load_extract_config(cfg), client=client, progress=False)
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    serial = {(r["group"], r["shard"]): r["sha256"] for r in pq.read_table(tiny_store / "catalog/shards.parquet").to_pylist()}
+    dask = {(r["group"], r["shard"]): r["sha256"] for r in pq.read_table(tmp_path / "store/catalog/shards.parquet").to_pylist()}
+    assert serial == dask
+    assert pq.read_table(tmp_path / "store/catalog/samples.parquet").equals(pq.read_table(tiny_store / "catalog/samples.parquet"))

@@ -1,0 +1,74 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.errors import ManifestError
+from pipelines.manifest import read_manifest
+
+
+def write_csv(path, rows, header="key,label,split,audio,text"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def media(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    (tmp_path / "b.wav").write_bytes(b"RIFF")
+    return tmp_path
+
+
+def test_csv_resolves_relative_paths_and_absent_modalities(media):
+    m = read_manifest(write_csv(media / "m.csv", ["k1,0,train,a.wav,hello", "k2,1,test,,", "k3,1,val,b.wav,"]))
+    assert [s.key for s in m.samples] == ["k1", "k2", "k3"]
+    assert m.samples[0].media == {"audio": str((media / "a.wav").resolve()), "text": "hello"}
+    assert m.samples[1].media == {}  # empty cells mean the modality is absent
+    assert m.samples[2].media == {"audio": str((media / "b.wav").resolve())}
+    assert m.classes == ["0", "1"] and [s.label for s in m.samples] == [0, 1, 1]
+    assert m.modalities == ["audio", "text"]
+    assert len(m.fingerprint) == 64
+
+
+def test_jsonl_and_parquet_with_string_labels(media):
+    rows = [{"key": "x", "label": "dog", "split": "train", "text": "woof"},
+            {"key": "y", "label": "cat", "split": "test", "text": "meow"}]
+    jl = media / "m.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), media / "m.parquet")
+    for path in (jl, media / "m.parquet"):
+        m = read_manifest(path)
+        assert m.classes == ["cat", "dog"]
+        assert [s.label for s in m.samples] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "match"),
+    [
+        (["k1,0,train,a.wav,"], "name,label,split,audio,text", r"m\.csv: missing required column\(s\) \['key'\]"),
+        (["k1,0,train,a.wav,", "k1,1,test,b.wav,"], None, r"row 2, column 'key': duplicate key 'k1' \(first at row 1\)"),
+        (["k1,0,training,a.wav,"], None, r"row 1, column 'split': 'training' is not one of"),
+        (["k1,0,train,a.wav,", "k2,0,train,nope.wav,"], None, r"row 2, column 'audio': file not found: .*nope\.wav"),
+        (["k.1,0,train,a.wav,"], None, r"row 1, column 'key': 'k\.1' contains"),
+        (["k1,,train,a.wav,"], None, r"row 1, column 'label': empty label"),
+        (["k1,-1,train,a.wav,"], None, r"row 1, column 'label': negative class id"),
+    ],
+)
+def test_bad_manifests_name_file_row_and_column(media, rows, header, match):
+    path = write_csv(media / "m.csv", rows, header or "key,label,split,audio,text")
+    with pytest.raises(ManifestError, match=match):
+        read_manifest(path)
+
+
+def test_missing_file_allowed_when_not_checking(media):
+    m = read_manifest(write_csv(media / "m.csv", ["k1,0,train,nope.wav,"]), check_files=False)
+    assert m.samples[0].media["audio"].endswith("nope.wav")
+
+
+def test_unsupported_format_and_missing_manifest(tmp_path):
+    (tmp_path / "m.xlsx").write_text("x")
+    with pytest.raises(ManifestError, match="unsupported manifest format '.xlsx'"):
+        read_manifest(tmp_path / "m.xlsx")
+    with pytest.raises(ManifestError, match="manifest not found"):
+        read_manifest(tmp_path / "none.csv")
