@@ -197,8 +197,7 @@ def _check_image(image: Any) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise MediaError(
-            f"cnn: expected a uint8 RGB image of shape (height, width, 3), "
-            f"got {image.dtype} {image.shape}"
+            f"cnn: expected a uint8 RGB image of shape (height, width, 3), got {image.dtype} {image.shape}"
         )
     return image if image.flags.writeable else image.copy()  # torch warns on read-only arrays
 

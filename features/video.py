@@ -59,7 +59,12 @@ def flow_stats(flow: np.ndarray, bins: int) -> np.ndarray:
     hist = np.bincount(idx.ravel(), weights=mag.ravel().astype(np.float64), minlength=bins)
     total = hist.sum()
     hist = hist / total if total > 0 else hist
-    head = [dx.mean(dtype=np.float64), dy.mean(dtype=np.float64), mag.mean(dtype=np.float64), mag.std(dtype=np.float64)]
+    head = [
+        dx.mean(dtype=np.float64),
+        dy.mean(dtype=np.float64),
+        mag.mean(dtype=np.float64),
+        mag.std(dtype=np.float64),
+    ]
     return np.concatenate([head, hist]).astype(np.float32)
 
 
@@ -97,7 +102,9 @@ class Flow(Extractor):
                 (None, 4 + b),
                 f"(frame pairs, mean dx, mean dy, mean |flow|, std |flow|, {b}-bin direction histogram)",
             ),
-            "grid": FieldSpec("float32", (None, 2, g, g), "(frame pairs, dx/dy, grid rows, grid cols) mean flow"),
+            "grid": FieldSpec(
+                "float32", (None, 2, g, g), "(frame pairs, dx/dy, grid rows, grid cols) mean flow"
+            ),
         }
 
     def extract(self, media: Any) -> dict[str, np.ndarray]:
@@ -110,9 +117,11 @@ class Flow(Extractor):
         if len(frames) < 2:
             raise MediaError(f"flow: needs at least 2 frames to compute optical flow, got {len(frames)}")
         if min(frames.shape[1:]) < cfg.grid:
-            raise MediaError(f"flow: frames of {frames.shape[1:]} px are smaller than the {cfg.grid}x{cfg.grid} grid")
+            raise MediaError(
+                f"flow: frames of {frames.shape[1:]} px are smaller than the {cfg.grid}x{cfg.grid} grid"
+            )
         stats, grids = [], []
-        for prev, nxt in zip(frames[:-1], frames[1:]):
+        for prev, nxt in zip(frames[:-1], frames[1:], strict=True):
             flow = cv2.calcOpticalFlowFarneback(
                 prev,
                 nxt,

@@ -177,7 +177,9 @@ def load_video(
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 # Convert and scale in one swscale call: the conversion costs more than decoding.
-                frame = frame.reformat(width=size or None, height=size or None, format=fmt, interpolation="AREA")
+                frame = frame.reformat(
+                    width=size or None, height=size or None, format=fmt, interpolation="AREA"
+                )
                 frames.append(frame.to_ndarray())
                 if max_frames and len(frames) >= max_frames:
                     break

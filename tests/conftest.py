@@ -24,7 +24,11 @@ def make_audio(seconds: float = 0.5, sample_rate: int = 16000, seed: int = 0) ->
     """float32 mono: two tones and a little noise, peak below 1."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sample_rate)) / sample_rate
-    y = 0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1250 * t) + 0.01 * rng.standard_normal(t.size)
+    y = (
+        0.4 * np.sin(2 * np.pi * 440 * t)
+        + 0.2 * np.sin(2 * np.pi * 1250 * t)
+        + 0.01 * rng.standard_normal(t.size)
+    )
     return y.astype(np.float32)
 
 
@@ -173,4 +177,6 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
 from store_fixtures import demo_dir, tiny_store  # noqa: E402,F401  (session fixtures shared by all tests)

