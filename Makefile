@@ -67,7 +67,7 @@ demo: $(RUNS)/report.md
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STORE)/store.json
 	$(BIN)/python benchmarks/run.py
 
 lint: $(STAMP)

@@ -69,10 +69,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fusion.train import TrainConfig, train_all
-    from pipelines.config import load_config
+    from fusion.train import load_train_config, train_all
 
-    config = load_config(TrainConfig, args.config, args.set)
+    config = load_train_config(args.config, args.set)
     runs = train_all(config, progress=not args.quiet)
     for run in runs:
         print(f"trained {run}")

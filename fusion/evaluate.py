@@ -172,7 +172,7 @@ def evaluate_run(
     with (run_dir / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "label", "prediction"])
-        writer.writerows(zip(out["keys"], labels.tolist(), preds.tolist()))
+        writer.writerows(zip(out["keys"], labels.tolist(), preds.tolist(), strict=True))
     return metrics
 
 

@@ -66,7 +66,7 @@ class SignedLog(nn.Module):
 
 
 def input_norm(dim: int) -> nn.Module:
-    # Features come in very different scales (random-CNN embeddings ~1e2, MFCC ~1e2, TF-IDF ~1e-1);
+    # Features come in very different scales (random-CNN embeddings ~1e2, MFCC ~1e2, sentence embeddings ~1e-1);
     # a LayerNorm per field puts them on one scale. It would zero out a single scalar, hence SignedLog.
     return nn.LayerNorm(dim) if dim > 1 else SignedLog()
 

@@ -35,11 +35,13 @@ def write_report(runs_dir: str | Path) -> str:
     if not rows:
         raise ModalstoreError(f"{runs_dir}: no */metrics.json found; evaluate the runs first")
     splits = sorted({r["split"] for r in rows})
+    classes = sorted({r["num_classes"] for r in rows})
+    chance = ", ".join(f"{_pct(1 / c)} % ({c} classes)" for c in classes)
 
     lines = [
         f"# Fusion report: {runs_dir}",
         "",
-        f"Split: {', '.join(splits)}. Scores in %.",
+        f"Split: {', '.join(splits)}. Scores in %; chance accuracy {chance}.",
         "",
         "| run | model | modalities | accuracy | macro recall | macro F1 | n |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -80,6 +82,8 @@ def _bar_chart(rows: list[dict], path: Path) -> None:
         xs = [j + (i - (len(COLUMNS) - 1) / 2) * width for j in range(len(rows))]
         ax.bar(xs, [100 * r[col] for r in rows], width=width, label=LABELS[col])
     ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=20, ha="right")
+    chance = 100 / max(r["num_classes"] for r in rows)
+    ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.set_title(f"{rows[0]['split']} split")

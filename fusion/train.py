@@ -147,18 +147,20 @@ def train_one(
     torch.manual_seed(config.seed)
 
     # -- data
-    if loader_factory is None:
-        loader_factory = functools.partial(
-            _store_loader, config=config, device=device
-        )  # (split, groups, shuffle) -> StreamingLoader
-    train_loader = loader_factory("train", list(run.groups), True)
-    val_loader = loader_factory("val", list(run.groups), False)
+    # (split, groups, shuffle) -> batches: the store's StreamingLoader unless a test injects one
+    make_loader = loader_factory or functools.partial(_store_loader, config=config, device=device)
+    train_loader = make_loader("train", list(run.groups), True)
+    val_loader = make_loader("val", list(run.groups), False)
     field_groups = {f: g for f, g in train_loader.field_groups.items() if g in run.groups}
     field_specs = {f: train_loader.field_specs[f] for f in field_groups}
     num_classes = train_loader.num_classes
 
     # -- model and optimizer
-    model_kwargs = {"hidden": config.hidden, "dropout": config.dropout, **config.model_params.get(run.model, {})}
+    model_kwargs = {
+        "hidden": config.hidden,
+        "dropout": config.dropout,
+        **config.model_params.get(run.model, {}),
+    }
     model = create_model(run.model, field_specs, field_groups, list(run.groups), num_classes, **model_kwargs)
     model.to(device)
     optimizer = make_optimizer(config, model.parameters())
@@ -266,7 +268,9 @@ def load_run_config(path: str | Path) -> tuple[TrainConfig, RunSpec]:
     """Read back a run's ``config.yaml`` as (TrainConfig, RunSpec)."""
     data = yaml.safe_load(Path(path).read_text())
     run = data.pop("run")
-    return from_dict(TrainConfig, data, where=str(path)), RunSpec(run["name"], run["model"], tuple(run["groups"]))
+    return from_dict(TrainConfig, data, where=str(path)), RunSpec(
+        run["name"], run["model"], tuple(run["groups"])
+    )
 
 
 def train_all(
@@ -275,4 +279,6 @@ def train_all(
     loader_factory: LoaderFactory | None = None,
 ) -> list[Path]:
     """Train every run of ``plan_runs(config)`` in turn; return their folders."""
-    return [train_one(config, run, loader_factory=loader_factory, progress=progress) for run in plan_runs(config)]
+    return [
+        train_one(config, run, loader_factory=loader_factory, progress=progress) for run in plan_runs(config)
+    ]

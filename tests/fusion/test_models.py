@@ -19,6 +19,8 @@ from fusion.models import (
     register_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GROUPS = ["image", "audio", "video"]
 NUM_CLASSES = 8  # three bit groups
 
@@ -43,7 +45,13 @@ def batch(loader):
 def build(name: str, loader, seed: int = 0, **kwargs) -> FusionModel:
     torch.manual_seed(seed)
     model = create_model(
-        name, loader.field_specs, loader.field_groups, model_groups(name), loader.num_classes, hidden=16, **kwargs
+        name,
+        loader.field_specs,
+        loader.field_groups,
+        model_groups(name),
+        loader.num_classes,
+        hidden=16,
+        **kwargs,
     )
     return model.eval()
 
@@ -91,9 +99,13 @@ def test_group_without_fields_is_an_error(loader):
 
 def test_unknown_option_is_a_config_error(loader):
     with pytest.raises(ConfigError, match="combine"):
-        create_model("late_fusion", loader.field_specs, loader.field_groups, GROUPS, NUM_CLASSES, combine="max")
+        create_model(
+            "late_fusion", loader.field_specs, loader.field_groups, GROUPS, NUM_CLASSES, combine="max"
+        )
     with pytest.raises(ConfigError, match="unimodal.*combine"):
-        create_model("unimodal", loader.field_specs, loader.field_groups, ["image"], NUM_CLASSES, combine="mean")
+        create_model(
+            "unimodal", loader.field_specs, loader.field_groups, ["image"], NUM_CLASSES, combine="mean"
+        )
 
 
 # -- contract: the same tests for every registered model ------------------------------------------
@@ -187,7 +199,9 @@ def test_late_fusion_ignores_an_absent_group(combine, loader, batch):
     model = build("late_fusion", loader, combine=combine)
     absent = drop_group(batch, "audio", [0, 2, 5])
     changed = copy.deepcopy(absent)
-    changed["features"]["audio.mfcc"][[0, 2, 5]] = 500.0 * torch.randn(3, *absent["features"]["audio.mfcc"].shape[1:])
+    changed["features"]["audio.mfcc"][[0, 2, 5]] = 500.0 * torch.randn(
+        3, *absent["features"]["audio.mfcc"].shape[1:]
+    )
     changed["mask"]["audio.mfcc"][[0, 2, 5]] = True  # even if the mask claimed frames, present=False wins
     torch.testing.assert_close(model(changed)["logits"], model(absent)["logits"])
 
@@ -206,7 +220,9 @@ def test_late_fusion_is_a_masked_weighted_mean_of_group_logits(combine, loader, 
     scores = {"image": 0.5, "audio": -1.0, "video": 2.0}
     for i in range(batch["label"].shape[0]):
         here = [g for g in GROUPS if batch["present"][g][i]]
-        raw = {g: (torch.tensor(scores[g]).exp() if combine == "learned" else torch.tensor(1.0)) for g in here}
+        raw = {
+            g: (torch.tensor(scores[g]).exp() if combine == "learned" else torch.tensor(1.0)) for g in here
+        }
         expected = torch.zeros(NUM_CLASSES)
         for g in here:
             expected += raw[g] / sum(raw.values()) * group_logits[i, GROUPS.index(g)]

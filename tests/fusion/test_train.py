@@ -26,6 +26,8 @@ from fusion.train import (
 )
 from pipelines.config import to_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GROUPS = ("image", "audio")
 RUN_NAMES = ["late_fusion", "unimodal-image", "unimodal-audio"]
 
@@ -47,7 +49,7 @@ def small_config(runs_dir, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fake_loader_factory):
+def trained(tmp_path_factory, fake_loader_factory, one_torch_thread):
     """Train, evaluate and report all three runs once for the module."""
     runs_dir = tmp_path_factory.mktemp("runs")
     factory = fake_loader_factory(groups=GROUPS, batch_size=32)
@@ -55,7 +57,9 @@ def trained(tmp_path_factory, fake_loader_factory):
     paths = train_all(config, progress=False, loader_factory=factory)
     metrics = {m["run"]: m for m in evaluate_all(runs_dir, "test", loader_factory=factory, device="cpu")}
     report = write_report(runs_dir)
-    return SimpleNamespace(runs_dir=runs_dir, config=config, factory=factory, paths=paths, metrics=metrics, report=report)
+    return SimpleNamespace(
+        runs_dir=runs_dir, config=config, factory=factory, paths=paths, metrics=metrics, report=report
+    )
 
 
 def test_plan_runs_expands_unimodal_per_group(tmp_path):
@@ -101,7 +105,9 @@ def test_run_folder_holds_config_log_and_checkpoint(trained):
 def rebuild(ckpt: dict) -> torch.nn.Module:
     specs = {f: FieldSpec.from_dict(d) for f, d in ckpt["field_specs"].items()}
     cls = get_model(ckpt["run"]["model"])
-    model = cls(specs, ckpt["field_groups"], ckpt["run"]["groups"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model = cls(
+        specs, ckpt["field_groups"], ckpt["run"]["groups"], ckpt["num_classes"], **ckpt["model_kwargs"]
+    )
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -130,7 +136,9 @@ def test_metrics_equal_scikit_learn_on_independent_predictions(trained):
         assert metrics == trained.metrics[path.name]
         assert metrics["n"] == len(labels) == 256
         assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-6)
-        assert metrics["macro_recall"] == pytest.approx(recall_score(labels, preds, average="macro"), abs=1e-6)
+        assert metrics["macro_recall"] == pytest.approx(
+            recall_score(labels, preds, average="macro"), abs=1e-6
+        )
         assert metrics["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"), abs=1e-6)
         assert metrics["confusion_matrix"] == confusion_matrix(labels, preds, labels=range(4)).tolist()
         rows = (path / "predictions.csv").read_text().splitlines()[1:]
@@ -144,7 +152,10 @@ def test_report_lists_every_run_fusion_first(trained):
     assert [line.split(" | ")[0][2:] for line in table] == ["late_fusion", "unimodal-audio", "unimodal-image"]
     for name, m in trained.metrics.items():
         row = next(line for line in table if line.startswith(f"| {name} |"))
-        assert f"| {100 * m['accuracy']:.1f} | {100 * m['macro_recall']:.1f} | {100 * m['macro_f1']:.1f} |" in row
+        assert (
+            f"| {100 * m['accuracy']:.1f} | {100 * m['macro_recall']:.1f} | {100 * m['macro_f1']:.1f} |"
+            in row
+        )
     best_uni = max(trained.metrics[n]["accuracy"] for n in RUN_NAMES[1:])
     margin = 100 * (trained.metrics["late_fusion"]["accuracy"] - best_uni)
     assert f"margin {margin:+.1f} points" in md
@@ -158,7 +169,9 @@ def test_training_is_deterministic(tmp_path, fake_loader_factory):
     states = []
     for name in ("a", "b"):
         config = small_config(tmp_path / name, epochs=2, dropout=0.2)
-        ckpt = torch.load(train_one(config, run, factory, progress=False) / "checkpoint.pt", weights_only=True)
+        ckpt = torch.load(
+            train_one(config, run, factory, progress=False) / "checkpoint.pt", weights_only=True
+        )
         states.append(ckpt["model"])
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
@@ -175,7 +188,9 @@ def test_evaluate_refuses_a_store_with_other_classes(trained, fake_loader_factor
 
 
 def test_config_rejects_a_bad_optimizer(tmp_path):
-    with pytest.raises(ConfigError, match=r"TrainConfig.optimizer: must be one of \['adam', 'sgd'\], got 'rmsprop'"):
+    with pytest.raises(
+        ConfigError, match=r"TrainConfig.optimizer: must be one of \['adam', 'sgd'\], got 'rmsprop'"
+    ):
         small_config(tmp_path, optimizer="rmsprop")
 
 
@@ -186,8 +201,16 @@ def test_config_rejects_a_bad_optimizer(tmp_path):
         ("lr", 0.0, r"TrainConfig.lr: must be > 0"),
         ("dropout", 1.0, r"TrainConfig.dropout: must be in \[0, 1\)"),
         ("groups", [], r"TrainConfig.groups: must be a non-empty list"),
-        ("models", ["late_fusion", "transformer"], r"unknown model\(s\) \['transformer'\]; available: late_fusion"),
-        ("model_params", {"late_fusion": {"depth": 2}}, r"unknown option\(s\) \['depth'\]; valid: \['combine'\]"),
+        (
+            "models",
+            ["late_fusion", "transformer"],
+            r"unknown model\(s\) \['transformer'\]; available: late_fusion",
+        ),
+        (
+            "model_params",
+            {"late_fusion": {"depth": 2}},
+            r"unknown option\(s\) \['depth'\]; valid: \['combine'\]",
+        ),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, key, value, match):
@@ -204,7 +227,9 @@ def test_load_config_rejects_unknown_keys_naming_the_file(tmp_path):
 
 def test_load_config_with_overrides_and_bad_value_names_the_file(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text("store: stores/demo\ngroups: [image, audio]\nmodel_params: {late_fusion: {combine: learned}}\n")
+    path.write_text(
+        "store: stores/demo\ngroups: [image, audio]\nmodel_params: {late_fusion: {combine: learned}}\n"
+    )
     config = load_train_config(path, ["epochs=3", "optimizer=sgd"])
     assert (config.epochs, config.optimizer, config.models) == (3, "sgd", ["late_fusion", "unimodal"])
     assert config.model_params == {"late_fusion": {"combine": "learned"}}
@@ -213,5 +238,25 @@ def test_load_config_with_overrides_and_bad_value_names_the_file(tmp_path):
 
 
 def test_sgd_uses_momentum(tmp_path):
-    opt = make_optimizer(small_config(tmp_path, optimizer="sgd", lr=0.1), [torch.nn.Parameter(torch.zeros(2))])
+    opt = make_optimizer(
+        small_config(tmp_path, optimizer="sgd", lr=0.1), [torch.nn.Parameter(torch.zeros(2))]
+    )
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_real_store(tiny_store, tmp_path):
+    """Wiring with the real StreamingLoader: train -> evaluate -> report on the tiny extracted store."""
+    from fusion.loader import StreamingLoader
+
+    groups = ["image", "audio", "video"]
+    config = small_config(tmp_path / "runs", store=str(tiny_store), groups=groups, epochs=2, batch_size=8)
+    paths = train_all(config, progress=False)
+    assert [p.name for p in paths] == ["late_fusion", "unimodal-image", "unimodal-audio", "unimodal-video"]
+    metrics = evaluate_all(config.runs_dir, "test", device="cpu")
+    n_test = StreamingLoader(tiny_store, "test").num_samples
+    assert [m["n"] for m in metrics] == [n_test] * 4
+    ckpt = torch.load(paths[0] / "checkpoint.pt", weights_only=True)
+    assert {"image.embedding", "audio.mfcc", "video.grid"} <= set(ckpt["field_specs"])
+    report = write_report(config.runs_dir)
+    assert all(f"| {p.name} |" in report for p in paths)

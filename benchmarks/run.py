@@ -1,0 +1,137 @@
+"""Benchmarks, run by `make bench`: ratios against baselines measured in the same process.
+
+1. MFCC extraction of the demo audio: a bare single-process librosa loop (baseline) vs
+   `modalstore extract` serially and on a 2-worker Dask LocalCluster, end to end
+   including decoding and writing the store.
+2. Loading the demo store's train split to batched tensors: plain `webdataset`
+   (`WebDataset(...).to_tuple(...).batched(...)` with np.load decoding) vs StreamingLoader.
+
+Figures are printed as a markdown table and written to .bench/results.md; copy them into
+BENCHMARKS.md with the machine and date.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT / "data" / "demo"
+STORE = ROOT / "stores" / "demo"
+
+
+def bare_mfcc_loop(paths: list[str]) -> float:
+    import librosa
+
+    t0 = time.perf_counter()
+    for p in paths:
+        y, _ = librosa.load(p, sr=16000, mono=True)
+        librosa.feature.mfcc(y=y, sr=16000, n_mfcc=40, n_fft=400, hop_length=160, n_mels=40)
+    return time.perf_counter() - t0
+
+
+def pipeline_mfcc(workers: int | None) -> float:
+    import yaml
+
+    from pipelines.cluster import local_client
+    from pipelines.extract import load_extract_config, run_extract
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "c.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "manifest": str(DATA / "manifest.csv"), "store": f"{tmp}/store", "samples_per_shard": 128,
+            "groups": {"audio": {"extractor": "mfcc", "params": {"n_mfcc": 40}}},
+        }))
+        config = load_extract_config(cfg)
+        client = local_client(workers) if workers else None
+        try:
+            if client is not None:  # warm the workers' imports, as a long job amortises them
+                client.run(lambda: __import__("librosa") and None)
+            t0 = time.perf_counter()
+            run_extract(config, client=client, progress=False)
+            return time.perf_counter() - t0
+        finally:
+            if client is not None:
+                cluster = client.cluster
+                client.close()
+                cluster.close()
+
+
+def plain_webdataset(batch: int) -> tuple[int, float]:
+    import json
+
+    import torch
+    import webdataset as wds
+
+    from pipelines.store import open_store
+
+    store = open_store(STORE)
+    urls = [str(store.shard_path("audio", s)) for s in store.shards("train")]
+    ds = (wds.WebDataset(urls, shardshuffle=False)
+          .map(lambda s: (np.load(io.BytesIO(s["mfcc.npy"])), json.loads(s["json"])["label"]))
+          .batched(batch, collation_fn=lambda xs: (
+              torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for x, _ in xs], batch_first=True),
+              torch.tensor([y for _, y in xs]))))
+    t0 = time.perf_counter()
+    n = sum(len(y) for _, y in ds)
+    return n, time.perf_counter() - t0
+
+
+def modalstore_loader(batch: int) -> tuple[int, float]:
+    from fusion.loader import StreamingLoader
+
+    loader = StreamingLoader(STORE, "train", groups=["audio"], batch_size=batch)
+    t0 = time.perf_counter()
+    n = sum(len(b["keys"]) for b in loader)
+    return n, time.perf_counter() - t0
+
+
+def main() -> int:
+    if not (DATA / "manifest.csv").exists() or not (STORE / "store.json").exists():
+        print("run `make features` first (demo data and store)", file=sys.stderr)
+        return 2
+    from pipelines.manifest import read_manifest
+
+    paths = [s.media["audio"] for s in read_manifest(DATA / "manifest.csv").samples]
+    n = len(paths)
+    rows = []
+    bare = bare_mfcc_loop(paths)
+    rows.append(("MFCC-40: bare librosa loop, 1 process (baseline)", n / bare, 1.0))
+    serial = pipeline_mfcc(None)
+    rows.append(("MFCC-40: `modalstore extract --serial`, end to end", n / serial, bare / serial))
+    cores = min(2, os.cpu_count() or 1)
+    dask = pipeline_mfcc(cores)
+    rows.append((f"MFCC-40: `modalstore extract`, Dask {cores} workers, end to end", n / dask, bare / dask))
+    m, t = plain_webdataset(64)
+    rows.append(("load audio group: plain webdataset, batch 64 (baseline)", m / t, 1.0))
+    m2, t2 = modalstore_loader(64)
+    rows.append(("load audio group: StreamingLoader, batch 64", m2 / t2, (m2 / t2) / (m / t)))
+
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"date {time.strftime('%Y-%m-%d')}; {n} demo samples",
+        "",
+        "| what | items/s | × baseline |",
+        "| --- | --- | --- |",
+        *[f"| {name} | {rate:,.0f} | {ratio:.2f} |" for name, rate, ratio in rows],
+        "",
+        f"Dask parallel efficiency vs the serial pipeline: {serial / dask / cores:.0%} of ideal on {cores} workers.",
+    ]
+    out = "\n".join(lines)
+    (ROOT / ".bench").mkdir(exist_ok=True)
+    (ROOT / ".bench" / "results.md").write_text(out + "\n")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
