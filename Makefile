@@ -14,6 +14,9 @@ STORE   := stores/demo
 RUNS    := runs/demo
 EXTRACT_CONFIG := configs/extract_demo.yaml
 TRAIN_CONFIG   := configs/train_demo.yaml
+# Outputs are out of date when the code that made them changed, not only their inputs.
+EXTRACT_CODE := $(wildcard features/*.py) $(filter-out pipelines/demo_data.py,$(wildcard pipelines/*.py))
+TRAIN_CODE   := $(wildcard fusion/*.py)
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE ?= 1
@@ -39,12 +42,12 @@ $(DATA)/manifest.csv: $(STAMP) pipelines/demo_data.py
 
 data: $(DATA)/manifest.csv
 
-$(STORE)/store.json: $(DATA)/manifest.csv $(EXTRACT_CONFIG)
+$(STORE)/store.json: $(DATA)/manifest.csv $(EXTRACT_CONFIG) $(EXTRACT_CODE)
 	$(BIN)/modalstore extract $(EXTRACT_CONFIG) --overwrite
 
 features: $(STORE)/store.json
 
-$(RUNS)/.trained: $(STORE)/store.json $(TRAIN_CONFIG)
+$(RUNS)/.trained: $(STORE)/store.json $(TRAIN_CONFIG) $(TRAIN_CODE)
 	$(BIN)/modalstore train $(TRAIN_CONFIG)
 	@touch $@
 
