@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,8 +27,13 @@ Run 'modalstore COMMAND --help' for the options of a command.
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from pipelines.demo_data import make_demo_dataset
 
-    manifest = make_demo_dataset(args.out, n_samples=args.samples, seed=args.seed, missing_rate=args.missing_rate,
-                                 progress=not args.quiet)
+    manifest = make_demo_dataset(
+        args.out,
+        n_samples=args.samples,
+        seed=args.seed,
+        missing_rate=args.missing_rate,
+        progress=not args.quiet,
+    )
     print(f"wrote {args.samples} samples; manifest: {manifest}")
     return 0
 
@@ -87,8 +91,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         results = evaluate_all(path, split=args.split)
     for m in results:
-        print(f"{m['run']:<24} acc {m['accuracy']:.3f}  macro-recall {m['macro_recall']:.3f}  "
-              f"macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, {args.split})")
+        print(
+            f"{m['run']:<24} acc {m['accuracy']:.3f}  macro-recall {m['macro_recall']:.3f}  "
+            f"macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, {args.split})"
+        )
     return 0
 
 
@@ -106,9 +112,15 @@ def _cmd_extractors(args: argparse.Namespace) -> int:
     rows = []
     for name in list_extractors():
         cls = get_extractor(name)
-        rows.append({"name": name, "modality": cls.modality, "version": cls.version,
-                     "description": cls.description,
-                     "params": {p: d for p, _, d in describe_params(cls)}})
+        rows.append(
+            {
+                "name": name,
+                "modality": cls.modality,
+                "version": cls.version,
+                "description": cls.description,
+                "params": {p: d for p, _, d in describe_params(cls)},
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -135,39 +147,58 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("demo-data", "write the synthetic multimodal demo dataset (PNG, WAV, MP4, captions, manifest)",
-            _cmd_demo_data,
-            "Write a synthetic 16-class dataset where each modality carries one bit of the label "
-            "(label = 8*image_bit + 4*audio_bit + 2*video_bit + text_bit), so only fusion can solve it.")
+    p = add(
+        "demo-data",
+        "write the synthetic multimodal demo dataset (PNG, WAV, MP4, captions, manifest)",
+        _cmd_demo_data,
+        "Write a synthetic 16-class dataset where each modality carries one bit of the label "
+        "(label = 8*image_bit + 4*audio_bit + 2*video_bit + text_bit), so only fusion can solve it.",
+    )
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--samples", type=int, default=1600, help="number of samples (default 1600)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
-    p.add_argument("--missing-rate", type=float, default=0.0, help="fraction of media cells left empty (default 0)")
+    p.add_argument(
+        "--missing-rate", type=float, default=0.0, help="fraction of media cells left empty (default 0)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("extract", "extract features into a store (Dask: local cluster, or --scheduler)", _cmd_extract,
-            "Read an extraction config (manifest, store, samples_per_shard, groups of extractor + params), "
-            "validate the manifest, then run one task per shard on Dask and write WebDataset shards, "
-            "the Parquet catalog and store.json.")
+    p = add(
+        "extract",
+        "extract features into a store (Dask: local cluster, or --scheduler)",
+        _cmd_extract,
+        "Read an extraction config (manifest, store, samples_per_shard, groups of extractor + params), "
+        "validate the manifest, then run one task per shard on Dask and write WebDataset shards, "
+        "the Parquet catalog and store.json.",
+    )
     p.add_argument("config", help="extraction YAML config (see configs/extract_demo.yaml)")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     p.add_argument("--serial", action="store_true", help="no Dask: run every shard in this process")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at the same path")
-    p.add_argument("--dry-run", action="store_true", help="validate config and manifest, print the plan, stop")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. samples_per_shard=64")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate config and manifest, print the plan, stop"
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. samples_per_shard=64"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("train", "train fusion models and unimodal baselines on a store", _cmd_train,
-            "Train every model listed in the config (\"unimodal\" expands to one baseline per group); "
-            "each run writes config.yaml, checkpoint.pt and log.jsonl under runs_dir/<run>/.")
+    p = add(
+        "train",
+        "train fusion models and unimodal baselines on a store",
+        _cmd_train,
+        'Train every model listed in the config ("unimodal" expands to one baseline per group); '
+        "each run writes config.yaml, checkpoint.pt and log.jsonl under runs_dir/<run>/.",
+    )
     p.add_argument("config", help="training YAML config (see configs/train_demo.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. epochs=5")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("evaluate", "compute accuracy, macro recall and macro F1 into metrics.json", _cmd_evaluate)
     p.add_argument("run", help="a run folder (with checkpoint.pt) or a folder of runs")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)"
+    )
 
     p = add("report", "write runs_dir/report.md comparing every evaluated run", _cmd_report)
     p.add_argument("runs_dir", help="folder of evaluated runs")

@@ -47,10 +47,16 @@ def pipeline_mfcc(workers: int | None) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "c.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "manifest": str(DATA / "manifest.csv"), "store": f"{tmp}/store", "samples_per_shard": 128,
-            "groups": {"audio": {"extractor": "mfcc", "params": {"n_mfcc": 40}}},
-        }))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "manifest": str(DATA / "manifest.csv"),
+                    "store": f"{tmp}/store",
+                    "samples_per_shard": 128,
+                    "groups": {"audio": {"extractor": "mfcc", "params": {"n_mfcc": 40}}},
+                }
+            )
+        )
         config = load_extract_config(cfg)
         client = local_client(workers) if workers else None
         try:
@@ -76,11 +82,17 @@ def plain_webdataset(batch: int) -> tuple[int, float]:
 
     store = open_store(STORE)
     urls = [str(store.shard_path("audio", s)) for s in store.shards("train")]
-    ds = (wds.WebDataset(urls, shardshuffle=False)
-          .map(lambda s: (np.load(io.BytesIO(s["mfcc.npy"])), json.loads(s["json"])["label"]))
-          .batched(batch, collation_fn=lambda xs: (
-              torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for x, _ in xs], batch_first=True),
-              torch.tensor([y for _, y in xs]))))
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False)
+        .map(lambda s: (np.load(io.BytesIO(s["mfcc.npy"])), json.loads(s["json"])["label"]))
+        .batched(
+            batch,
+            collation_fn=lambda xs: (
+                torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for x, _ in xs], batch_first=True),
+                torch.tensor([y for _, y in xs]),
+            ),
+        )
+    )
     t0 = time.perf_counter()
     n = sum(len(y) for _, y in ds)
     return n, time.perf_counter() - t0

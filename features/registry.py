@@ -93,9 +93,7 @@ def get_extractor(name: str) -> type[Extractor]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown extractor {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise ConfigError(f"unknown extractor {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_extractors() -> list[str]:
@@ -113,9 +111,7 @@ def build_config(config_cls: type, params: dict, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown parameter(s) {unknown}; valid parameters: {sorted(fields)}"
-        )
+        raise ConfigError(f"{where}: unknown parameter(s) {unknown}; valid parameters: {sorted(fields)}")
     coerced = {}
     for key, value in params.items():
         # YAML gives lists where the dataclass wants tuples (frozen, hashable).

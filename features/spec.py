@@ -33,7 +33,7 @@ class FieldSpec:
         if array.dtype != np.dtype(self.dtype):
             raise ValueError(f"field {name!r}: dtype {array.dtype}, spec says {self.dtype}")
         if array.ndim != len(self.shape) or any(
-            want is not None and got != want for got, want in zip(array.shape, self.shape)
+            want is not None and got != want for got, want in zip(array.shape, self.shape, strict=True)
         ):
             raise ValueError(f"field {name!r}: shape {array.shape}, spec says {self.shape}")
 

@@ -37,8 +37,12 @@ def decode_member(shard: str, name: str, suffix: str, data: bytes):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as exc:
-            raise ShardFormatError(f"{shard}: member {name!r}: not a plain .npy array (pickle refused): {exc}") from exc
-    raise ShardFormatError(f"{shard}: member {name!r}: extension {suffix!r} is not allowed (only .npy and .json)")
+            raise ShardFormatError(
+                f"{shard}: member {name!r}: not a plain .npy array (pickle refused): {exc}"
+            ) from exc
+    raise ShardFormatError(
+        f"{shard}: member {name!r}: extension {suffix!r} is not allowed (only .npy and .json)"
+    )
 
 
 def iter_group_shard(path: Path) -> Iterator[dict]:
@@ -126,8 +130,18 @@ def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
 class ShardStream(IterableDataset):
     """Batches from the shards of one split, split by node and DataLoader worker."""
 
-    def __init__(self, root: str, shards: list[str], paths: dict[str, dict[str, str]], specs, field_groups,
-                 batch_size: int, shuffle: bool, seed: int, buffer_size: int) -> None:
+    def __init__(
+        self,
+        root: str,
+        shards: list[str],
+        paths: dict[str, dict[str, str]],
+        specs,
+        field_groups,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        buffer_size: int,
+    ) -> None:
         self.root, self.shards, self.paths = root, shards, paths
         self.specs, self.field_groups = specs, field_groups
         self.batch_size, self.shuffle, self.seed, self.buffer_size = batch_size, shuffle, seed, buffer_size
@@ -141,7 +155,11 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         shards = list(split_by_worker(split_by_node(self.epoch_shards())))
-        samples = (s for shard in shards for s in iter_joined(shard, {g: Path(p[shard]) for g, p in self.paths.items()}))
+        samples = (
+            s
+            for shard in shards
+            for s in iter_joined(shard, {g: Path(p[shard]) for g, p in self.paths.items()})
+        )
         if self.shuffle:
             from webdataset.filters import _shuffle
 
@@ -200,14 +218,27 @@ class StreamingLoader:
     while the current one is used.
     """
 
-    def __init__(self, store: str | Path, split: str, groups: list[str] | None = None, batch_size: int = 64,
-                 shuffle: bool = False, seed: int = 0, num_workers: int = 0, device: str | torch.device = "cpu",
-                 buffer_size: int = 512) -> None:
+    def __init__(
+        self,
+        store: str | Path,
+        split: str,
+        groups: list[str] | None = None,
+        batch_size: int = 64,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        device: str | torch.device = "cpu",
+        buffer_size: int = 512,
+    ) -> None:
         self.store = open_store(store)
         self.split = split
         self.groups = self.store.check_groups(groups)
         self.batch_size, self.shuffle, self.seed, self.num_workers = batch_size, shuffle, seed, num_workers
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.device = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else ("cpu" if device == "auto" else device)
+        )
         self.field_specs: dict[str, FieldSpec] = {}
         self.field_groups: dict[str, str] = {}
         for g in self.groups:
@@ -215,10 +246,19 @@ class StreamingLoader:
                 self.field_specs[f"{g}.{f}"] = spec
                 self.field_groups[f"{g}.{f}"] = g
         shards = self.store.shards(split)
-        self._shard_sizes = dict(zip(shards, self.store.meta["splits"][split]["shard_samples"]))
+        self._shard_sizes = dict(zip(shards, self.store.meta["splits"][split]["shard_samples"], strict=True))
         paths = {g: {s: str(self.store.shard_path(g, s)) for s in shards} for g in self.groups}
-        self.dataset = ShardStream(str(self.store.root), shards, paths, self.field_specs, self.field_groups,
-                                   batch_size, shuffle, seed, buffer_size)
+        self.dataset = ShardStream(
+            str(self.store.root),
+            shards,
+            paths,
+            self.field_specs,
+            self.field_groups,
+            batch_size,
+            shuffle,
+            seed,
+            buffer_size,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -242,8 +282,13 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[dict]:
         cuda = self.device.type == "cuda"
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=cuda,
-                            persistent_workers=False)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=cuda,
+            persistent_workers=False,
+        )
         if not cuda:
             for batch in loader:
                 yield to_device(batch, self.device)

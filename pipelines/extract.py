@@ -119,7 +119,9 @@ def _error_row(sample, group: str, shard: str, stage: str, exc: BaseException) -
 def _check_outputs(ex, out: dict[str, np.ndarray]) -> None:
     spec = ex.output_spec()
     if set(out) != set(spec):
-        raise ModalstoreError(f"extractor {ex.name!r} returned fields {sorted(out)}, spec says {sorted(spec)}")
+        raise ModalstoreError(
+            f"extractor {ex.name!r} returned fields {sorted(out)}, spec says {sorted(spec)}"
+        )
     for name, arr in out.items():
         spec[name].check(name, arr)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -164,13 +166,13 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
                 results = ex.extract_batch(medias)
             except Exception:  # noqa: BLE001 - isolate the failing sample(s) one by one
                 results = []
-                for i, media in zip(todo, medias):
+                for i, media in zip(todo, medias, strict=True):
                     try:
                         results.append(ex.extract(media))
                     except Exception as exc:  # noqa: BLE001
                         errors.append(_error_row(plan.samples[i], g.name, plan.name, "extract", exc))
                         results.append(None)
-            for i, out in zip(todo, results):
+            for i, out in zip(todo, results, strict=True):
                 if out is None:
                     continue
                 try:
@@ -183,10 +185,24 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
         path = Path(store) / "shards" / g.name / f"{plan.name}.tar"
         with ShardWriter(path) as writer:
             for i, sample in enumerate(plan.samples):
-                meta = {"key": sample.key, "label": sample.label, "split": sample.split, "present": outputs[i] is not None}
+                meta = {
+                    "key": sample.key,
+                    "label": sample.label,
+                    "split": sample.split,
+                    "present": outputs[i] is not None,
+                }
                 writer.add_sample(sample.key, meta, outputs[i] or {})
             size, digest = writer.close()
-        files.append({"group": g.name, "shard": plan.name, "split": plan.split, "samples": n, "bytes": size, "sha256": digest})
+        files.append(
+            {
+                "group": g.name,
+                "shard": plan.name,
+                "split": plan.split,
+                "samples": n,
+                "bytes": size,
+                "sha256": digest,
+            }
+        )
         members.extend(
             {"group": g.name, "shard": plan.name, "member": m.name, "offset": m.offset, "size": m.size}
             for m in writer.members
@@ -204,7 +220,14 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
         }
         for i, s in enumerate(plan.samples)
     ]
-    return {"shard": plan.name, "samples": rows, "errors": errors, "files": files, "members": members, "seconds": time.perf_counter() - t0}
+    return {
+        "shard": plan.name,
+        "samples": rows,
+        "errors": errors,
+        "files": files,
+        "members": members,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _later_uses(groups: tuple[GroupTask, ...], g: GroupTask) -> bool:
@@ -253,7 +276,9 @@ def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[Gro
     return manifest, plans, tuple(tasks), group_meta
 
 
-def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, progress: bool = True) -> ExtractSummary:
+def run_extract(
+    config: ExtractConfig, client=None, overwrite: bool = False, progress: bool = True
+) -> ExtractSummary:
     """Extract every group of ``config`` into a store, on ``client`` (Dask) or serially."""
     from tqdm.auto import tqdm
 
@@ -261,7 +286,9 @@ def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, pro
     store = Path(config.store)
     if store.exists() and any(store.iterdir()):
         if not (store / STORE_FILE).exists() and not (store / "shards").exists():
-            raise StoreError(f"{store}: exists, is not empty and is not a modalstore store; choose another path")
+            raise StoreError(
+                f"{store}: exists, is not empty and is not a modalstore store; choose another path"
+            )
         if not overwrite:
             raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
     manifest, plans, tasks, group_meta = prepare(config)
@@ -288,7 +315,9 @@ def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, pro
 
         run_id = uuid.uuid4().hex[:8]
         futures = [
-            client.submit(extract_shard, plan, tasks, str(store.resolve()), key=f"extract-{plan.name}-{run_id}")
+            client.submit(
+                extract_shard, plan, tasks, str(store.resolve()), key=f"extract-{plan.name}-{run_id}"
+            )
             for plan in plans
         ]
         for fut in as_completed(futures):
@@ -302,7 +331,11 @@ def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, pro
     write_store_manifest(
         store,
         {
-            "manifest": {"path": str(Path(manifest.path).resolve()), "sha256": manifest.fingerprint, "rows": len(manifest)},
+            "manifest": {
+                "path": str(Path(manifest.path).resolve()),
+                "sha256": manifest.fingerprint,
+                "rows": len(manifest),
+            },
             "classes": manifest.classes,
             "splits": {
                 split: {
@@ -317,4 +350,6 @@ def run_extract(config: ExtractConfig, client=None, overwrite: bool = False, pro
             "errors": len(errors),
         },
     )
-    return ExtractSummary(str(store), len(manifest), len(plans), len(errors), time.perf_counter() - t0, errors)
+    return ExtractSummary(
+        str(store), len(manifest), len(plans), len(errors), time.perf_counter() - t0, errors
+    )

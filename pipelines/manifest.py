@@ -79,7 +79,9 @@ def _read_table(path: Path) -> dict[str, list]:
 
             table = pajson.read_json(path)
         else:
-            raise ManifestError(f"{path}: unsupported manifest format {suffix!r}; use .parquet, .csv or .jsonl")
+            raise ManifestError(
+                f"{path}: unsupported manifest format {suffix!r}; use .parquet, .csv or .jsonl"
+            )
     except pa.ArrowInvalid as exc:
         raise ManifestError(f"{path}: cannot parse manifest: {exc}") from exc
     return {name: table.column(name).to_pylist() for name in table.column_names}
@@ -112,9 +114,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     cols = _read_table(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
-        raise ManifestError(
-            f"{path}: missing required column(s) {missing}; found columns {sorted(cols)}"
-        )
+        raise ManifestError(f"{path}: missing required column(s) {missing}; found columns {sorted(cols)}")
     n = len(cols["key"])
     if n == 0:
         raise ManifestError(f"{path}: manifest has no rows")
@@ -153,7 +153,9 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
                 "which WebDataset treats as separators; rename the key"
             )
         if key in seen:
-            raise ManifestError(f"{path}: row {row}, column 'key': duplicate key {key!r} (first at row {seen[key]})")
+            raise ManifestError(
+                f"{path}: row {row}, column 'key': duplicate key {key!r} (first at row {seen[key]})"
+            )
         seen[key] = row
         split = cols["split"][i]
         if split not in SPLITS:

@@ -73,7 +73,9 @@ class ShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._file = open(self.tmp, "wb")
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.GNU_FORMAT)
+        self._tar = tarfile.open(
+            fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.GNU_FORMAT
+        )
         self.members: list[MemberRecord] = []
 
     def add(self, name: str, data: bytes) -> None:

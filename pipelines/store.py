@@ -29,8 +29,14 @@ FORMAT_VERSION = 1
 
 _SCHEMAS = {
     "samples": None,  # has_<group> columns vary; inferred
-    "errors": [("key", "string"), ("group", "string"), ("shard", "string"), ("stage", "string"),
-               ("error_type", "string"), ("message", "string")],
+    "errors": [
+        ("key", "string"),
+        ("group", "string"),
+        ("shard", "string"),
+        ("stage", "string"),
+        ("error_type", "string"),
+        ("message", "string"),
+    ],
 }
 
 
@@ -61,8 +67,12 @@ def write_catalog(store: str | Path, results: list[dict]) -> None:
 
 def write_store_manifest(store: str | Path, body: dict) -> None:
 
-    meta = {"format": "modalstore", "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **body}
+    meta = {
+        "format": "modalstore",
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **body,
+    }
     path = Path(store) / STORE_FILE
     tmp = path.with_name(f".{STORE_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=False, default=str))
@@ -104,7 +114,9 @@ class Store:
         try:
             return list(self.meta["splits"][split]["shards"])
         except KeyError:
-            raise StoreError(f"{self.root}: no split {split!r}; splits: {sorted(self.meta['splits'])}") from None
+            raise StoreError(
+                f"{self.root}: no split {split!r}; splits: {sorted(self.meta['splits'])}"
+            ) from None
 
     def num_samples(self, split: str) -> int:
         return int(self.meta["splits"][split]["samples"])

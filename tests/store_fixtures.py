@@ -22,10 +22,17 @@ if HAS_TEXT:
 def write_extract_config(path, manifest, store, groups=None, samples_per_shard=8, missing_media="error"):
     import yaml
 
-    path.write_text(yaml.safe_dump({
-        "manifest": str(manifest), "store": str(store), "samples_per_shard": samples_per_shard,
-        "missing_media": missing_media, "groups": groups or TINY_GROUPS,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "manifest": str(manifest),
+                "store": str(store),
+                "samples_per_shard": samples_per_shard,
+                "missing_media": missing_media,
+                "groups": groups or TINY_GROUPS,
+            }
+        )
+    )
     return path
 
 

@@ -11,7 +11,9 @@ from modalstore import main
 
 
 def test_help_explains_every_command():
-    out = subprocess.run([sys.executable, "-m", "modalstore", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "modalstore", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("demo-data", "extract", "train", "evaluate", "report", "extractors"):
         assert cmd in out
 
@@ -19,8 +21,15 @@ def test_help_explains_every_command():
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("key,label,split\nk1,0,train\nk1,1,test\n")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"manifest": str(tmp_path / "m.csv"), "store": str(tmp_path / "s"),
-                                   "groups": {"audio": {"extractor": "mfcc"}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "manifest": str(tmp_path / "m.csv"),
+                "store": str(tmp_path / "s"),
+                "groups": {"audio": {"extractor": "mfcc"}},
+            }
+        )
+    )
     assert main(["extract", str(cfg), "--serial"]) == 2
     assert "duplicate key 'k1'" in capsys.readouterr().err
     assert main(["extract", str(cfg), "--serial", "--set", "samples_per_shard=0"]) == 2
@@ -39,16 +48,35 @@ def test_whole_pipeline_from_the_cli(tmp_path, capsys):
     data, store, runs = tmp_path / "data", tmp_path / "store", tmp_path / "runs"
     assert main(["demo-data", str(data), "--samples", "64", "--seed", "1", "--quiet"]) == 0
     extract_cfg = tmp_path / "extract.yaml"
-    extract_cfg.write_text(yaml.safe_dump({
-        "manifest": str(data / "manifest.csv"), "store": str(store), "samples_per_shard": 16,
-        "groups": {"image": {"extractor": "cnn", "params": {"image_size": 32}},
-                   "audio": {"extractor": "mfcc"}, "video": {"extractor": "flow", "params": {"size": 32}}},
-    }))
+    extract_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "manifest": str(data / "manifest.csv"),
+                "store": str(store),
+                "samples_per_shard": 16,
+                "groups": {
+                    "image": {"extractor": "cnn", "params": {"image_size": 32}},
+                    "audio": {"extractor": "mfcc"},
+                    "video": {"extractor": "flow", "params": {"size": 32}},
+                },
+            }
+        )
+    )
     assert main(["extract", str(extract_cfg), "--serial", "--quiet"]) == 0
     assert main(["extract", str(extract_cfg), "--serial", "--quiet", "--dry-run"]) == 0
     train_cfg = tmp_path / "train.yaml"
-    train_cfg.write_text(yaml.safe_dump({"store": str(store), "runs_dir": str(runs), "groups": ["image", "audio", "video"],
-                                         "models": ["late_fusion", "unimodal"], "epochs": 1, "batch_size": 16}))
+    train_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "store": str(store),
+                "runs_dir": str(runs),
+                "groups": ["image", "audio", "video"],
+                "models": ["late_fusion", "unimodal"],
+                "epochs": 1,
+                "batch_size": 16,
+            }
+        )
+    )
     assert main(["train", str(train_cfg), "--quiet", "--set", "hidden=16"]) == 0
     assert main(["evaluate", str(runs)]) == 0
     assert main(["report", str(runs)]) == 0

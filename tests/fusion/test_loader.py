@@ -23,7 +23,9 @@ def keys_of(loader):
 def test_every_sample_exactly_once_per_epoch(tiny_store, num_workers, shuffle):
     store = open_store(tiny_store)
     expected = [r["key"] for r in store.table("samples").to_pylist() if r["split"] == "train"]
-    loader = StreamingLoader(tiny_store, "train", batch_size=5, shuffle=shuffle, seed=1, num_workers=num_workers)
+    loader = StreamingLoader(
+        tiny_store, "train", batch_size=5, shuffle=shuffle, seed=1, num_workers=num_workers
+    )
     for epoch in range(2):
         loader.set_epoch(epoch)
         batches = list(loader)
@@ -50,7 +52,11 @@ def test_batches_match_plain_reads_with_padding_and_masks(tiny_store):
             direct[s["__key__"]] = (np.load(io.BytesIO(s["mfcc.npy"])), json.loads(s["json"])["label"])
     loader = StreamingLoader(tiny_store, "val", groups=["audio"], batch_size=64)
     (batch,) = list(loader)
-    feats, lengths, mask = batch["features"]["audio.mfcc"], batch["lengths"]["audio.mfcc"], batch["mask"]["audio.mfcc"]
+    feats, lengths, mask = (
+        batch["features"]["audio.mfcc"],
+        batch["lengths"]["audio.mfcc"],
+        batch["mask"]["audio.mfcc"],
+    )
     assert feats.shape[0] == len(direct) and feats.shape[1] == max(a.shape[0] for a, _ in direct.values())
     for i, key in enumerate(batch["keys"]):
         arr, label = direct[key]
@@ -85,7 +91,9 @@ def test_pickle_members_are_refused(tiny_store, tmp_path):
     members = _members(path)
     key = members[0][0].split(".")[0]
     _rewrite(path, [*members[:2], (f"{key}.extra.pkl", b"\x80\x04K\x01.")])
-    with pytest.raises(ShardFormatError, match=rf"{shard}: member '{key}.extra.pkl': extension 'extra.pkl' is not allowed"):
+    with pytest.raises(
+        ShardFormatError, match=rf"{shard}: member '{key}.extra.pkl': extension 'extra.pkl' is not allowed"
+    ):
         list(iter_joined(shard, {"audio": path}))
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
@@ -102,7 +110,10 @@ def test_key_mismatch_between_groups_is_named(tiny_store, tmp_path):
     key = members[0][0].split(".")[0]
     _rewrite(path, [(name.replace(key, "intruder", 1), data) for name, data in members])
     loader = StreamingLoader(tmp_path / "s", "test", groups=["audio", "video"], batch_size=4)
-    with pytest.raises(ShardFormatError, match=rf"shard {shard}: key mismatch between groups: 'audio' has '{key}', 'video' has 'intruder'"):
+    with pytest.raises(
+        ShardFormatError,
+        match=rf"shard {shard}: key mismatch between groups: 'audio' has '{key}', 'video' has 'intruder'",
+    ):
         list(loader)
 
 

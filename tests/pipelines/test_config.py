@@ -24,9 +24,18 @@ def test_load_and_override(tmp_path):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        (GOOD.replace("samples_per_shard: 8", "shards_per_sample: 8"), r"unknown key\(s\) \['shards_per_sample'\]"),
-        (GOOD.replace("samples_per_shard: 8", "samples_per_shard: many"), r"samples_per_shard: expected an integer"),
-        (GOOD.replace("extractor: mfcc", "extractor: mfccc"), r"unknown extractor 'mfccc'; available: .*mfcc"),
+        (
+            GOOD.replace("samples_per_shard: 8", "shards_per_sample: 8"),
+            r"unknown key\(s\) \['shards_per_sample'\]",
+        ),
+        (
+            GOOD.replace("samples_per_shard: 8", "samples_per_shard: many"),
+            r"samples_per_shard: expected an integer",
+        ),
+        (
+            GOOD.replace("extractor: mfcc", "extractor: mfccc"),
+            r"unknown extractor 'mfccc'; available: .*mfcc",
+        ),
         (GOOD.replace("store: s\n", ""), r"missing required key 'store'"),
         (GOOD.replace("audio:", "Audio:"), r"groups.Audio: group names are lower-case"),
         ("[1, 2]", r"top level must be a mapping"),

@@ -12,7 +12,6 @@ from store_fixtures import TINY_GROUPS, write_extract_config
 from features.errors import ConfigError, StoreError
 from pipelines.extract import load_extract_config, run_extract
 from pipelines.manifest import read_manifest
-from pipelines.media import load_audio
 from pipelines.shards import sha256_file
 from pipelines.store import open_store
 
@@ -21,7 +20,9 @@ def test_catalog_matches_manifest(tiny_store, demo_dir):
     manifest = read_manifest(demo_dir / "manifest.csv")
     store = open_store(tiny_store)
     samples = store.table("samples").to_pylist()
-    assert [r["key"] for r in samples] == [s.key for p in ("train", "val", "test") for s in manifest.samples if s.split == p]
+    assert [r["key"] for r in samples] == [
+        s.key for p in ("train", "val", "test") for s in manifest.samples if s.split == p
+    ]
     by_key = {s.key: s for s in manifest.samples}
     for r in samples:
         assert r["split"] == by_key[r["key"]].split and r["label"] == by_key[r["key"]].label
@@ -59,8 +60,14 @@ def test_mfcc_in_store_equals_direct_librosa(tiny_store, demo_dir):
         stored = np.load(io.BytesIO(sample["mfcc.npy"]), allow_pickle=False)
         y, _ = librosa.load(manifest[sample["__key__"]].media["audio"], sr=params["sample_rate"], mono=True)
         direct = librosa.feature.mfcc(
-            y=y, sr=params["sample_rate"], n_mfcc=params["n_mfcc"], n_fft=params["n_fft"],
-            hop_length=params["hop_length"], n_mels=params["n_mels"], fmin=params["fmin"], fmax=params["fmax"],
+            y=y,
+            sr=params["sample_rate"],
+            n_mfcc=params["n_mfcc"],
+            n_fft=params["n_fft"],
+            hop_length=params["hop_length"],
+            n_mels=params["n_mels"],
+            fmin=params["fmin"],
+            fmax=params["fmax"],
         ).T.astype(np.float32)
         np.testing.assert_array_equal(stored, direct)
         checked += 1
@@ -77,8 +84,9 @@ def test_bad_media_is_recorded_and_alignment_kept(demo_dir, tmp_path):
     second = lines[2].split(",")
     (data / second[header.index("video")]).unlink()  # a missing file
     groups = {"audio": TINY_GROUPS["audio"], "video": TINY_GROUPS["video"]}
-    cfg = write_extract_config(tmp_path / "c.yaml", data / "manifest.csv", tmp_path / "store", groups,
-                               missing_media="record")
+    cfg = write_extract_config(
+        tmp_path / "c.yaml", data / "manifest.csv", tmp_path / "store", groups, missing_media="record"
+    )
     summary = run_extract(load_extract_config(cfg), progress=False)
     assert summary.errors == 2
     store = open_store(tmp_path / "store")
@@ -90,8 +98,10 @@ def test_bad_media_is_recorded_and_alignment_kept(demo_dir, tmp_path):
     assert not rows[second[0]]["has_video"] and rows[second[0]]["has_audio"]
     # every group's shard holds the same keys in the same order
     shard = rows[first[0]]["shard"]
-    keys = {g: [s["__key__"] for s in wds.WebDataset(str(store.shard_path(g, shard)), shardshuffle=False)]
-            for g in groups}
+    keys = {
+        g: [s["__key__"] for s in wds.WebDataset(str(store.shard_path(g, shard)), shardshuffle=False)]
+        for g in groups
+    }
     assert keys["audio"] == keys["video"] and first[0] in keys["audio"]
     # with the default policy a missing file stops before any work
     cfg2 = write_extract_config(tmp_path / "c2.yaml", data / "manifest.csv", tmp_path / "store2", groups)
@@ -117,7 +127,9 @@ def test_existing_store_needs_overwrite(tiny_store, demo_dir, tmp_path):
 
 def test_group_needing_absent_modality_is_rejected(tmp_path):
     (tmp_path / "m.csv").write_text("key,label,split,text\nk1,0,train,hello\n")
-    cfg = write_extract_config(tmp_path / "c.yaml", tmp_path / "m.csv", tmp_path / "s", {"audio": TINY_GROUPS["audio"]})
+    cfg = write_extract_config(
+        tmp_path / "c.yaml", tmp_path / "m.csv", tmp_path / "s", {"audio": TINY_GROUPS["audio"]}
+    )
     with pytest.raises(ConfigError, match=r"groups.audio: extractor 'mfcc' needs 'audio' media"):
         run_extract(load_extract_config(cfg), progress=False)
 
@@ -134,7 +146,15 @@ def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp
         cluster = client.cluster
         client.close()
         cluster.close()
-    serial = {(r["group"], r["shard"]): r["sha256"] for r in pq.read_table(tiny_store / "catalog/shards.parquet").to_pylist()}
-    dask = {(r["group"], r["shard"]): r["sha256"] for r in pq.read_table(tmp_path / "store/catalog/shards.parquet").to_pylist()}
+    serial = {
+        (r["group"], r["shard"]): r["sha256"]
+        for r in pq.read_table(tiny_store / "catalog/shards.parquet").to_pylist()
+    }
+    dask = {
+        (r["group"], r["shard"]): r["sha256"]
+        for r in pq.read_table(tmp_path / "store/catalog/shards.parquet").to_pylist()
+    }
     assert serial == dask
-    assert pq.read_table(tmp_path / "store/catalog/samples.parquet").equals(pq.read_table(tiny_store / "catalog/samples.parquet"))
+    assert pq.read_table(tmp_path / "store/catalog/samples.parquet").equals(
+        pq.read_table(tiny_store / "catalog/samples.parquet")
+    )

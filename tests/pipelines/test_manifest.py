@@ -21,7 +21,9 @@ def media(tmp_path):
 
 
 def test_csv_resolves_relative_paths_and_absent_modalities(media):
-    m = read_manifest(write_csv(media / "m.csv", ["k1,0,train,a.wav,hello", "k2,1,test,,", "k3,1,val,b.wav,"]))
+    m = read_manifest(
+        write_csv(media / "m.csv", ["k1,0,train,a.wav,hello", "k2,1,test,,", "k3,1,val,b.wav,"])
+    )
     assert [s.key for s in m.samples] == ["k1", "k2", "k3"]
     assert m.samples[0].media == {"audio": str((media / "a.wav").resolve()), "text": "hello"}
     assert m.samples[1].media == {}  # empty cells mean the modality is absent
@@ -32,8 +34,10 @@ def test_csv_resolves_relative_paths_and_absent_modalities(media):
 
 
 def test_jsonl_and_parquet_with_string_labels(media):
-    rows = [{"key": "x", "label": "dog", "split": "train", "text": "woof"},
-            {"key": "y", "label": "cat", "split": "test", "text": "meow"}]
+    rows = [
+        {"key": "x", "label": "dog", "split": "train", "text": "woof"},
+        {"key": "y", "label": "cat", "split": "test", "text": "meow"},
+    ]
     jl = media / "m.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), media / "m.parquet")
@@ -46,10 +50,22 @@ def test_jsonl_and_parquet_with_string_labels(media):
 @pytest.mark.parametrize(
     ("rows", "header", "match"),
     [
-        (["k1,0,train,a.wav,"], "name,label,split,audio,text", r"m\.csv: missing required column\(s\) \['key'\]"),
-        (["k1,0,train,a.wav,", "k1,1,test,b.wav,"], None, r"row 2, column 'key': duplicate key 'k1' \(first at row 1\)"),
+        (
+            ["k1,0,train,a.wav,"],
+            "name,label,split,audio,text",
+            r"m\.csv: missing required column\(s\) \['key'\]",
+        ),
+        (
+            ["k1,0,train,a.wav,", "k1,1,test,b.wav,"],
+            None,
+            r"row 2, column 'key': duplicate key 'k1' \(first at row 1\)",
+        ),
         (["k1,0,training,a.wav,"], None, r"row 1, column 'split': 'training' is not one of"),
-        (["k1,0,train,a.wav,", "k2,0,train,nope.wav,"], None, r"row 2, column 'audio': file not found: .*nope\.wav"),
+        (
+            ["k1,0,train,a.wav,", "k2,0,train,nope.wav,"],
+            None,
+            r"row 2, column 'audio': file not found: .*nope\.wav",
+        ),
         (["k.1,0,train,a.wav,"], None, r"row 1, column 'key': 'k\.1' contains"),
         (["k1,,train,a.wav,"], None, r"row 1, column 'label': empty label"),
         (["k1,-1,train,a.wav,"], None, r"row 1, column 'label': negative class id"),
