@@ -48,7 +48,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print(f"manifest {manifest.path}: {len(manifest)} samples, modalities {manifest.modalities}")
         print(f"{len(plans)} shards of up to {config.samples_per_shard} samples")
         for name, meta in group_meta.items():
-            fields = ", ".join(f"{k} {v['dtype']}{tuple(v['shape'])}" for k, v in meta["fields"].items())
+            if meta["fields"] is None:
+                fields = "(fields known after fitting on the train split)"
+            else:
+                fields = ", ".join(f"{k} {v['dtype']}{tuple(v['shape'])}" for k, v in meta["fields"].items())
             print(f"  group {name}: {meta['extractor']} v{meta['version']} -> {fields}")
         return 0
     client = None

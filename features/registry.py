@@ -71,6 +71,26 @@ class Extractor(ABC):
         """Compute features of several items; model-based extractors override this to batch."""
         return [self.extract(m) for m in medias]
 
+    # -- Fit-then-transform extractors (bag of words, TF-IDF, LDA, SIFT codebook, word2vec) --
+    # The pipeline calls ``fit`` once with the decoded media of the TRAIN split only, saves
+    # ``artifact()`` in the store (an .npz, loaded with allow_pickle=False, hashed into the
+    # group's version), and before transforming any split calls ``load_artifact`` on a fresh
+    # instance in every worker. ``output_spec`` may depend on the fitted state.
+
+    fit_required: ClassVar[bool] = False
+
+    def fit(self, medias: list[Any]) -> None:
+        """Learn state (vocabulary, codebook...) from train-split media."""
+        raise NotImplementedError(f"extractor {self.name!r} has nothing to fit")
+
+    def artifact(self) -> dict[str, np.ndarray]:
+        """The fitted state as plain numpy arrays (numeric or unicode; never objects)."""
+        raise NotImplementedError(f"extractor {self.name!r} has no fitted state")
+
+    def load_artifact(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the fitted state saved by ``artifact``."""
+        raise NotImplementedError(f"extractor {self.name!r} has no fitted state")
+
 
 _REGISTRY: dict[str, type[Extractor]] = {}
 

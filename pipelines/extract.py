@@ -7,7 +7,11 @@ the driver combines them and writes the catalog and ``store.json`` last.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
+import os
 import re
 import shutil
 import time
@@ -18,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from features.errors import ConfigError, ModalstoreError, StoreError
+from features.errors import ConfigError, ExtractionError, ModalstoreError, StoreError
 from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
-from pipelines.manifest import Manifest, read_manifest
+from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
 from pipelines.shards import ShardPlan, ShardWriter, plan_shards
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
@@ -73,6 +77,7 @@ class GroupTask:
     extractor: str
     params: dict[str, Any]
     modality: str
+    artifact: str | None = None  # fitted state (.npz) of a fit-then-transform extractor
 
 
 # One extractor instance per process and configuration: models load once per worker.
@@ -80,13 +85,50 @@ _EXTRACTORS: dict[str, Any] = {}
 
 
 def _extractor(task: GroupTask):
-    cache_key = json.dumps([task.extractor, task.params], sort_keys=True, default=str)
+    cache_key = json.dumps([task.extractor, task.params, task.artifact], sort_keys=True, default=str)
     ex = _EXTRACTORS.get(cache_key)
     if ex is None:
         ex = create_extractor(task.extractor, task.params)
+        if task.artifact is not None:
+            with np.load(task.artifact, allow_pickle=False) as npz:
+                ex.load_artifact({k: npz[k] for k in npz.files})
         ex.setup()
         _EXTRACTORS[cache_key] = ex
     return ex
+
+
+def fit_group(task: GroupTask, samples: tuple[Sample, ...]) -> dict:
+    """Fit a fit-then-transform extractor on the given (train-split) samples.
+
+    Returns the artifact as ``.npz`` bytes plus error rows for media that failed to decode
+    (they are left out of the fit, and recorded).
+    """
+    _pin_threads()
+    ex = create_extractor(task.extractor, task.params)
+    medias, errors = [], []
+    request = ex.decode_request()
+    for sample in samples:
+        source = sample.media.get(task.modality)
+        if source is None:
+            continue
+        try:
+            medias.append(decode(task.modality, source, request))
+        except Exception as exc:  # noqa: BLE001 - recorded, left out of the fit
+            errors.append(_error_row(sample, task.name, "", "fit", exc))
+    if not medias:
+        raise ExtractionError(
+            f"group {task.name!r}: extractor {task.extractor!r} must be fitted on the train split, "
+            f"but no train sample has decodable {task.modality!r} media"
+        )
+    ex.setup()
+    ex.fit(medias)
+    arrays = ex.artifact()
+    for key, arr in arrays.items():
+        if np.asarray(arr).dtype.kind == "O":
+            raise ExtractionError(f"extractor {task.extractor!r}: artifact array {key!r} has object dtype")
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in sorted(arrays.items())})
+    return {"npz": buf.getvalue(), "errors": errors, "fitted_on": len(medias)}
 
 
 def _pin_threads() -> int:
@@ -251,10 +293,25 @@ class ExtractSummary:
         )
 
 
+def group_meta(task: GroupTask, ex, artifact: dict | None = None) -> dict:
+    """The ``store.json`` entry of one group (fields of a fitted extractor need its artifact)."""
+    meta = {
+        "extractor": task.extractor,
+        "version": type(ex).version,
+        "modality": task.modality,
+        "params": task.params,
+        "fields": None if ex.fit_required and artifact is None else {k: v.to_dict() for k, v in ex.output_spec().items()},
+        "dir": f"shards/{task.name}",
+    }
+    if artifact is not None:
+        meta["artifact"] = artifact
+    return meta
+
+
 def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[GroupTask, ...], dict]:
     """Validate everything before any work starts: manifest, groups, parameters."""
     manifest = read_manifest(config.manifest, check_files=config.missing_media == "error")
-    tasks, group_meta = [], {}
+    tasks, metas = [], {}
     for name, gc in config.groups.items():
         ex = create_extractor(gc.extractor, dict(gc.params))
         if ex.modality not in manifest.modalities:
@@ -262,18 +319,42 @@ def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[Gro
                 f"groups.{name}: extractor {gc.extractor!r} needs {ex.modality!r} media, "
                 f"but manifest {manifest.path} has none (modalities present: {manifest.modalities})"
             )
-        params = ex.params()
-        tasks.append(GroupTask(name=name, extractor=gc.extractor, params=params, modality=ex.modality))
-        group_meta[name] = {
-            "extractor": gc.extractor,
-            "version": type(ex).version,
-            "modality": ex.modality,
-            "params": params,
-            "fields": {k: v.to_dict() for k, v in ex.output_spec().items()},
-            "dir": f"shards/{name}",
-        }
+        task = GroupTask(name=name, extractor=gc.extractor, params=ex.params(), modality=ex.modality)
+        tasks.append(task)
+        metas[name] = group_meta(task, ex)
     plans = plan_shards(manifest.samples, config.samples_per_shard)
-    return manifest, plans, tuple(tasks), group_meta
+    return manifest, plans, tuple(tasks), metas
+
+
+def fit_groups(store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], metas: dict, client=None) -> tuple:
+    """Fit every fit-then-transform group on the TRAIN split only; save artifacts in the store.
+
+    Returns the tasks (with artifact paths) and the error rows of media left out of a fit.
+    """
+    train = tuple(s for s in manifest.samples if s.split == "train")
+    out, errors = [], []
+    for task in tasks:
+        ex = create_extractor(task.extractor, task.params)
+        if not ex.fit_required:
+            out.append(task)
+            continue
+        if client is None:
+            result = fit_group(task, train)
+        else:
+            result = client.submit(fit_group, task, train, key=f"fit-{task.name}-{uuid.uuid4().hex[:8]}").result()
+        digest = hashlib.sha256(result["npz"]).hexdigest()
+        rel = f"artifacts/{task.name}-{digest[:16]}.npz"
+        path = store / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(result["npz"])
+        os.replace(tmp, path)
+        task = dataclasses.replace(task, artifact=str(path.resolve()))
+        fitted = _extractor(task)
+        metas[task.name] = group_meta(task, fitted, {"path": rel, "sha256": digest, "fitted_on": result["fitted_on"], "split": "train"})
+        errors.extend(result["errors"])
+        out.append(task)
+    return tuple(out), errors
 
 
 def run_extract(
@@ -291,12 +372,13 @@ def run_extract(
             )
         if not overwrite:
             raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
-    manifest, plans, tasks, group_meta = prepare(config)
+    manifest, plans, tasks, metas = prepare(config)
     if store.exists():
-        for sub in ("shards", "catalog"):
+        for sub in ("shards", "catalog", "artifacts"):
             shutil.rmtree(store / sub, ignore_errors=True)
         (store / STORE_FILE).unlink(missing_ok=True)
     store.mkdir(parents=True, exist_ok=True)
+    tasks, fit_errors = fit_groups(store, manifest, tasks, metas, client)
 
     bar = tqdm(total=len(plans), desc="extract", unit="shard", disable=not progress)
     results = []
@@ -326,8 +408,8 @@ def run_extract(
     bar.close()
     order = {p.name: i for i, p in enumerate(plans)}
     results.sort(key=lambda r: order[r["shard"]])
-    write_catalog(store, results)
-    errors = [e for r in results for e in r["errors"]]
+    write_catalog(store, results, fit_errors)
+    errors = fit_errors + [e for r in results for e in r["errors"]]
     write_store_manifest(
         store,
         {
@@ -345,7 +427,7 @@ def run_extract(
                 }
                 for split in ("train", "val", "test")
             },
-            "groups": group_meta,
+            "groups": metas,
             "config": to_dict(config),
             "errors": len(errors),
         },

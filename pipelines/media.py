@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from features.errors import ConfigError, MediaError
+from features.video import evenly_spaced
 
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard: refuse larger images before decoding
 
@@ -156,40 +157,107 @@ def load_video(
     gray: bool = False,
     size: int | None = None,
     max_frames: int | None = None,
+    fps: float | None = None,
+    num_frames: int | None = None,
 ) -> np.ndarray:
     """uint8 (frames, height, width) if ``gray`` else (frames, height, width, 3) RGB.
 
-    ``size``: frames scaled to size x size by FFmpeg while converting (None or 0: native);
-    ``max_frames``: stop after that many frames (None or 0: all).
+    ``size``: frames scaled to size x size by FFmpeg while converting (None or 0: native).
+    ``fps``: sample at this rate by timestamp: a frame is kept when its time reaches the next
+    sampling instant ``t0 + k / fps`` (``t0`` the first frame's time), so no frame is kept
+    twice and at or above the native rate every frame is kept.
+    ``num_frames``: exactly this many frames, evenly spaced over the whole video: frame
+    indices ``np.round(np.linspace(0, total - 1, num_frames))`` (halves to even), so a video
+    with fewer frames repeats some. The video is decoded twice: once to count its frames
+    (decoding only, no pixel conversion), once converting just the chosen ones.
+    ``max_frames``: at most this many frames are returned (None or 0: no cap); with
+    ``num_frames`` it must be >= num_frames. At most one of ``fps`` and ``num_frames``.
     """
-    import av
-
     if size is not None and size < 0:
         raise ConfigError(f"load_video: size must be a positive int or None, got {size}")
+    if fps is not None and num_frames is not None:
+        raise ConfigError(f"load_video: give at most one of fps ({fps}) and num_frames ({num_frames})")
+    if fps is not None and not fps > 0:
+        raise ConfigError(f"load_video: fps must be > 0 or None, got {fps}")
+    if num_frames is not None and num_frames < 1:
+        raise ConfigError(f"load_video: num_frames must be >= 1 or None, got {num_frames}")
+    if num_frames and max_frames and num_frames > max_frames:
+        raise ConfigError(f"load_video: num_frames ({num_frames}) exceeds max_frames ({max_frames})")
     src = _open_source(path)
     fmt = "gray" if gray else "rgb24"
-    frames = []
+
+    def convert(frame) -> np.ndarray:
+        # Convert and scale in one swscale call: the conversion costs more than decoding.
+        return frame.reformat(
+            width=size or None, height=size or None, format=fmt, interpolation="AREA"
+        ).to_ndarray()
+
     try:
-        with av.open(src) as container:
-            if not container.streams.video:
-                raise MediaError(f"{os.fspath(path)}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                # Convert and scale in one swscale call: the conversion costs more than decoding.
-                frame = frame.reformat(
-                    width=size or None, height=size or None, format=fmt, interpolation="AREA"
-                )
-                frames.append(frame.to_ndarray())
-                if max_frames and len(frames) >= max_frames:
-                    break
+        if num_frames:
+            total = sum(1 for _ in _decoded_frames(src, path))
+            wanted = evenly_spaced(total, num_frames)
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
+            keep = set(wanted.tolist())
+            picked = {i: convert(f) for i, f in enumerate(_decoded_frames(src, path)) if i in keep}
+            frames = [picked[i] for i in wanted if i in picked]
+        else:
+            frames = []
+            sampler = _FpsSampler(fps, path) if fps else None
+            for i, frame in enumerate(_decoded_frames(src, path)):
+                if sampler is None or sampler.keep(frame, i):
+                    frames.append(convert(frame))
+                    if max_frames and len(frames) >= max_frames:
+                        break
     except MediaError:
         raise
     except Exception as exc:
         raise _failed(path, "cannot decode video", exc) from exc
     if not frames:
         raise MediaError(f"{os.fspath(path)}: no decodable video frames")
+    if num_frames and len(frames) != num_frames:  # the second decoding pass yielded fewer frames
+        raise MediaError(
+            f"{os.fspath(path)}: frames changed between decoding passes; cannot pick {num_frames}"
+        )
     return np.stack(frames)
+
+
+def _decoded_frames(src: str | io.BytesIO, path: Any):
+    """The decoded frames of the first video stream, in presentation order."""
+    import av
+
+    with av.open(src) as container:
+        if not container.streams.video:
+            raise MediaError(f"{os.fspath(path)}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield from container.decode(stream)
+
+
+class _FpsSampler:
+    """Keeps a frame when its timestamp reaches the next sampling instant ``t0 + k / fps``."""
+
+    def __init__(self, fps: float, path: Any) -> None:
+        self.fps, self.path = fps, path
+        self.t0: float | None = None
+        self.next_k = 0
+
+    def keep(self, frame: Any, index: int) -> bool:
+        if frame.pts is not None and frame.time_base is not None:
+            t = float(frame.pts * frame.time_base)
+        elif frame.time is not None:
+            t = float(frame.time)
+        else:
+            raise MediaError(
+                f"{os.fspath(self.path)}: cannot sample at fps={self.fps}: frame {index} has no timestamp"
+            )
+        if self.t0 is None:
+            self.t0 = t
+        k = (t - self.t0) * self.fps  # the frame's time in sampling periods
+        if k < self.next_k - 1e-6:  # tolerance: float rounding of exact rational times
+            return False
+        self.next_k = int(np.floor(k + 1e-6)) + 1
+        return True
 
 
 def load_text(text: Any) -> str:

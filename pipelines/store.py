@@ -40,7 +40,7 @@ _SCHEMAS = {
 }
 
 
-def write_catalog(store: str | Path, results: list[dict]) -> None:
+def write_catalog(store: str | Path, results: list[dict], extra_errors: list[dict] | tuple = ()) -> None:
     """Write the catalog tables from shard task results (in shard order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -50,7 +50,7 @@ def write_catalog(store: str | Path, results: list[dict]) -> None:
     tables = {
         "samples": [row for r in results for row in r["samples"]],
         "shards": [row for r in results for row in r["files"]],
-        "errors": [row for r in results for row in r["errors"]],
+        "errors": [*extra_errors, *(row for r in results for row in r["errors"])],
         "members": [row for r in results for row in r["members"]],
     }
     for name, rows in tables.items():
