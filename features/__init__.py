@@ -11,7 +11,7 @@ from features.registry import (
 from features.spec import FieldSpec
 
 # Importing the modules registers their extractors.
-from features import audio, image, text, video  # noqa: E402,F401  isort: skip
+from features import audio, image, sift, text, text_fitted, texture, video, video_models  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Extractor",

@@ -39,7 +39,8 @@ def _random_weights(weights: str | None) -> bool:
     return weights is None or str(weights).lower() == "none"
 
 
-def _is_checkpoint(weights: str | None) -> bool:
+def is_checkpoint(weights: str | None) -> bool:
+    """Whether ``weights`` names a local ``.pt``/``.pth`` state dict (load it with ``load_checkpoint``)."""
     return not _random_weights(weights) and str(weights).lower().endswith(_CHECKPOINT_SUFFIXES)
 
 
@@ -81,14 +82,22 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _weights_enum(backbone: str, weights: str):
+def resolve_weights(backbone: str, weights: str | None, owner: str = "cnn"):
+    """The torchvision weights enum member ``weights`` names for ``backbone``; None for random
+    weights (None or "none") and for a local checkpoint file."""
+    if _random_weights(weights) or is_checkpoint(weights):
+        return None
+    return _weights_enum(backbone, str(weights), owner)
+
+
+def _weights_enum(backbone: str, weights: str, owner: str = "cnn"):
     """The torchvision weights enum member named by ``weights`` for ``backbone``."""
     from torchvision import models
 
     try:
         enum_cls = models.get_model_weights(backbone)
     except ValueError as exc:
-        raise ConfigError(f"extractor 'cnn': unknown torchvision backbone {backbone!r}") from exc
+        raise ConfigError(f"extractor {owner!r}: unknown torchvision backbone {backbone!r}") from exc
     name = weights.split(".", 1)[1] if weights.startswith(enum_cls.__name__ + ".") else weights
     if name == "DEFAULT":
         return enum_cls.DEFAULT
@@ -97,7 +106,7 @@ def _weights_enum(backbone: str, weights: str):
     except KeyError:
         valid = ["DEFAULT"] + [m.name for m in enum_cls]
         raise ConfigError(
-            f"extractor 'cnn': weights {weights!r} do not exist for {backbone!r}; "
+            f"extractor {owner!r}: weights {weights!r} do not exist for {backbone!r}; "
             f"valid: {valid}, None, or a local .pt/.pth file"
         ) from None
 
@@ -128,69 +137,75 @@ def make_preprocess(image_size: int, weights_enum: Any = None):
     return preprocess
 
 
-def build_backbone(backbone: str, weights: str | None, image_size: int, seed: int):
-    """(headless model in eval mode, embedding dim, weights enum or None); nothing downloaded
-    unless ``weights`` names torchvision weights."""
+def seeded_model(backbone: str, enum: Any, seed: int, owner: str = "cnn", **kwargs: Any):
+    """``torchvision.models.get_model(backbone, weights=enum, **kwargs)`` with its random init
+    seeded by ``seed``; build and download failures become ConfigErrors naming ``owner``."""
     import torch
-    from torch import nn
     from torchvision import models
 
-    head = _head_attr(backbone)
-    enum = None
-    kwargs: dict[str, Any] = {}
-    if not _random_weights(weights) and not _is_checkpoint(weights):
-        enum = _weights_enum(backbone, str(weights))
-    if backbone.startswith("vit"):
-        if enum is not None and enum.meta["min_size"][0] != image_size:
-            raise ConfigError(
-                f"extractor 'cnn': {backbone} with weights {weights!r} needs image_size="
-                f"{enum.meta['min_size'][0]}, got {image_size}"
-            )
-        if enum is None:
-            kwargs["image_size"] = image_size  # ViT's position embeddings are sized at build time
     # Seed only the CPU generator (weight init runs on the CPU) and restore it afterwards, so
     # the same seed gives the same weights in every process without touching global state.
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         try:
-            model = models.get_model(backbone, weights=enum, **kwargs)
+            return models.get_model(backbone, weights=enum, **kwargs)
         except (ValueError, AssertionError) as exc:  # unknown name; ViT size not a patch multiple
-            raise ConfigError(f"extractor 'cnn': cannot build backbone {backbone!r}: {exc}") from exc
+            raise ConfigError(f"extractor {owner!r}: cannot build backbone {backbone!r}: {exc}") from exc
         except (OSError, RuntimeError) as exc:  # download failed
             raise ConfigError(
-                f"extractor 'cnn': cannot load weights {weights!r} for {backbone!r} ({exc}); "
+                f"extractor {owner!r}: cannot load weights {enum!s} for {backbone!r} ({exc}); "
                 "without network access use weights=None or a local .pt/.pth file"
             ) from exc
+
+
+def build_backbone(backbone: str, weights: str | None, image_size: int, seed: int, owner: str = "cnn"):
+    """(headless model in eval mode, embedding dim, weights enum or None); nothing downloaded
+    unless ``weights`` names torchvision weights."""
+    from torch import nn
+
+    head = _head_attr(backbone)
+    enum = resolve_weights(backbone, weights, owner)
+    kwargs: dict[str, Any] = {}
+    if backbone.startswith("vit"):
+        if enum is not None and enum.meta["min_size"][0] != image_size:
+            raise ConfigError(
+                f"extractor {owner!r}: {backbone} with weights {weights!r} needs image_size="
+                f"{enum.meta['min_size'][0]}, got {image_size}"
+            )
+        if enum is None:
+            kwargs["image_size"] = image_size  # ViT's position embeddings are sized at build time
+    model = seeded_model(backbone, enum, seed, owner, **kwargs)
     dim = next(m for m in getattr(model, head).modules() if isinstance(m, nn.Linear)).in_features
     setattr(model, head, nn.Identity())
-    if _is_checkpoint(weights):
-        _load_checkpoint(model, str(weights), head)
+    if is_checkpoint(weights):
+        load_checkpoint(model, str(weights), head, owner)
     return model.eval(), dim, enum
 
 
-def _load_checkpoint(model, path: str, head: str) -> None:
-    """Load a local state dict; the classification head's weights, if any, are ignored."""
+def load_checkpoint(model, path: str, head: str | None, owner: str = "cnn") -> None:
+    """Load a local state dict; the weights of the classification head ``head``, if any, are ignored."""
     import torch
 
     if not os.path.isfile(path):
-        raise ConfigError(f"extractor 'cnn': weights file not found: {path}")
+        raise ConfigError(f"extractor {owner!r}: weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"extractor 'cnn': cannot read weights file {path}: {exc}") from exc
+        raise ConfigError(f"extractor {owner!r}: cannot read weights file {path}: {exc}") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model"):  # common training-checkpoint wrappers
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
     if not isinstance(state, dict):
-        raise ConfigError(f"extractor 'cnn': {path} does not hold a state dict")
+        raise ConfigError(f"extractor {owner!r}: {path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    if head is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ConfigError(f"extractor 'cnn': {path} does not fit the backbone: {exc}") from exc
+        raise ConfigError(f"extractor {owner!r}: {path} does not fit the backbone: {exc}") from exc
 
 
 def _check_image(image: Any) -> np.ndarray:
@@ -221,7 +236,9 @@ class Cnn(Extractor):
         import torch
 
         cfg = self.config
-        model, self._dim, enum = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed)
+        model, self._dim, enum = build_backbone(
+            cfg.backbone, cfg.weights, cfg.image_size, cfg.seed, owner=self.name
+        )
         self._device = torch.device(resolve_device(cfg.device))
         self._model = model.to(self._device)
         self._preprocess = make_preprocess(cfg.image_size, enum)
@@ -238,7 +255,7 @@ class Cnn(Extractor):
                     model = models.get_model(self.config.backbone, weights=None)
             except ValueError as exc:
                 raise ConfigError(
-                    f"extractor 'cnn': unknown torchvision backbone {self.config.backbone!r}"
+                    f"extractor {self.name!r}: unknown torchvision backbone {self.config.backbone!r}"
                 ) from exc
             head = getattr(model, _head_attr(self.config.backbone))
             self._dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features

@@ -89,8 +89,17 @@ def iter_joined(shard: str, paths: dict[str, Path]) -> Iterator[dict]:
         yield sample
 
 
-def collate(samples: list[dict], specs: dict[str, FieldSpec], field_groups: dict[str, str]) -> dict:
-    """Batch samples: stack fixed fields, zero-pad variable ones with lengths and masks."""
+def collate(
+    samples: list[dict],
+    specs: dict[str, FieldSpec],
+    field_groups: dict[str, str],
+    norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict:
+    """Batch samples: stack fixed fields, zero-pad variable ones with lengths and masks.
+
+    With ``norm`` ({field: (mean, std)}) present values are standardised; padding and
+    missing samples stay zero.
+    """
     b = len(samples)
     batch = {
         "keys": [s["key"] for s in samples],
@@ -105,6 +114,9 @@ def collate(samples: list[dict], specs: dict[str, FieldSpec], field_groups: dict
     for name, spec in specs.items():
         dtype = np.float32 if np.dtype(spec.dtype).kind == "f" else np.dtype(spec.dtype)
         arrays = [s["fields"].get(name) for s in samples]
+        if norm is not None and name in norm:
+            mean, std = norm[name]
+            arrays = [None if a is None else (a - mean) / std for a in arrays]
         if spec.variable:
             lengths = np.array([0 if a is None else a.shape[0] for a in arrays], dtype=np.int64)
             rest = next((a.shape[1:] for a in arrays if a is not None), tuple(spec.shape[1:]))
@@ -146,6 +158,7 @@ class ShardStream(IterableDataset):
         self.specs, self.field_groups = specs, field_groups
         self.batch_size, self.shuffle, self.seed, self.buffer_size = batch_size, shuffle, seed, buffer_size
         self.epoch = 0
+        self.norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def epoch_shards(self) -> list[str]:
         shards = list(self.shards)
@@ -171,10 +184,10 @@ class ShardStream(IterableDataset):
         for s in samples:
             buf.append(s)
             if len(buf) == self.batch_size:
-                yield collate(buf, self.specs, self.field_groups)
+                yield collate(buf, self.specs, self.field_groups, self.norm)
                 buf = []
         if buf:
-            yield collate(buf, self.specs, self.field_groups)
+            yield collate(buf, self.specs, self.field_groups, self.norm)
 
 
 def _rank() -> int:
@@ -215,7 +228,8 @@ class StreamingLoader:
     "present": {group: (B,)}}``. Shards are shuffled per epoch from (seed, epoch) and
     samples through a buffer; shards are split across ranks and DataLoader workers. On
     CUDA, batches come from pinned memory and the next batch is copied on a side stream
-    while the current one is used.
+    while the current one is used. ``normalize=True`` standardises every field with the
+    train split's per-feature mean and std stored with the group.
     """
 
     def __init__(
@@ -229,6 +243,7 @@ class StreamingLoader:
         num_workers: int = 0,
         device: str | torch.device = "cpu",
         buffer_size: int = 512,
+        normalize: bool = False,
     ) -> None:
         self.store = open_store(store)
         self.split = split
@@ -259,6 +274,14 @@ class StreamingLoader:
             seed,
             buffer_size,
         )
+        if normalize:
+            # (x - mean) / std with the train split's statistics; constant features keep std 1.
+            norm = {}
+            for g in self.groups:
+                for f, st in self.store.stats(g).items():
+                    std = np.where(st["std"] > 1e-8, st["std"], 1.0).astype(np.float32)
+                    norm[f"{g}.{f}"] = (st["mean"].astype(np.float32), std)
+            self.dataset.norm = norm
 
     @property
     def num_classes(self) -> int:

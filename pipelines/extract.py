@@ -28,6 +28,7 @@ from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
 from pipelines.shards import ShardPlan, ShardWriter, plan_shards
+from pipelines.stats import field_moments, finalize, merge_moments, save_stats
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
 
 _GROUP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -184,6 +185,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
     files: list[dict] = []
     members: list[dict] = []
     decoded_cache: dict[tuple, Any] = {}
+    moments: dict[str, dict] = {}  # group -> field -> moments, train split only
     for g in groups:
         ex = _extractor(g)
         request = ex.decode_request()
@@ -224,6 +226,11 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
                     continue
                 outputs[i] = out
                 present[g.name][i] = True
+        if plan.split == "train":
+            spec = ex.output_spec()
+            moments[g.name] = {
+                f: field_moments([o[f] for o in outputs if o is not None], spec[f].variable) for f in spec
+            }
         path = Path(store) / "shards" / g.name / f"{plan.name}.tar"
         with ShardWriter(path) as writer:
             for i, sample in enumerate(plan.samples):
@@ -268,6 +275,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
         "errors": errors,
         "files": files,
         "members": members,
+        "moments": moments,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -374,7 +382,7 @@ def run_extract(
             raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
     manifest, plans, tasks, metas = prepare(config)
     if store.exists():
-        for sub in ("shards", "catalog", "artifacts"):
+        for sub in ("shards", "catalog", "artifacts", "stats"):
             shutil.rmtree(store / sub, ignore_errors=True)
         (store / STORE_FILE).unlink(missing_ok=True)
     store.mkdir(parents=True, exist_ok=True)
@@ -409,6 +417,18 @@ def run_extract(
     order = {p.name: i for i, p in enumerate(plans)}
     results.sort(key=lambda r: order[r["shard"]])
     write_catalog(store, results, fit_errors)
+    for task in tasks:  # train-split statistics per field, for the loader's normalisation
+        fields = metas[task.name]["fields"]
+        stats = {}
+        for f in fields:
+            merged = None
+            for r in results:
+                merged = merge_moments(merged, r["moments"].get(task.name, {}).get(f))
+            if merged is not None:
+                stats[f] = finalize(merged)
+        if stats:
+            save_stats(store / "stats" / f"{task.name}.npz", stats)
+            metas[task.name]["stats"] = {"path": f"stats/{task.name}.npz", "split": "train"}
     errors = fit_errors + [e for r in results for e in r["errors"]]
     write_store_manifest(
         store,

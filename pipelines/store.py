@@ -8,6 +8,8 @@ Layout::
       catalog/shards.parquet          group, shard, split, samples, bytes, sha256
       catalog/errors.parquet          key, group, shard, stage, error_type, message
       catalog/members.parquet         group, shard, member, offset, size (byte offsets in the tar)
+      stats/<group>.npz               per-field mean, std, min, max, count over the train split
+      artifacts/<group>-<sha>.npz     fitted state of fit-then-transform extractors (train split)
       shards/<group>/<split>-NNNNNN.tar
 
 ``store.json`` is written last: a store without it is incomplete.
@@ -105,6 +107,16 @@ class Store:
         if unknown:
             raise StoreError(f"{self.root}: unknown group(s) {unknown}; the store has {self.groups}")
         return list(groups)
+
+    def stats(self, group: str) -> dict[str, dict]:
+        """Train-split statistics of a group's fields: {field: {mean, std, min, max, count}}."""
+        from pipelines.stats import load_stats
+
+        self.check_groups([group])
+        info = self.meta["groups"][group].get("stats")
+        if info is None:
+            raise StoreError(f"{self.root}: group {group!r} has no statistics (no train samples?)")
+        return load_stats(self.root / info["path"])
 
     def field_specs(self, group: str) -> dict[str, FieldSpec]:
         self.check_groups([group])

@@ -5,6 +5,7 @@ with known motion, sentence-transformers' encode)."""
 from __future__ import annotations
 
 import importlib.util
+import io
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ FAST_PARAMS = {
     "cnn": {"image_size": 32, "batch_size": 2, "device": "cpu"},
     "flow": {"size": 32, "max_frames": 4},
     "sentence": {"device": "cpu"},
+    "sift": {"codebook_size": 8, "size": 128},  # the factory images give ~40 descriptors at 128 px
 }
 CPU = {"device": "cpu"}
 HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
@@ -50,6 +52,14 @@ def test_extractor_contract(name, media_factory):
 
     medias = [media_factory(first.modality, first.decode_request(), seed=s) for s in range(2)]
     first.setup()
+    if cls.fit_required:  # fit-then-transform: fit, then a fresh instance loads the stored artifact
+        first.fit(medias)
+        buf = io.BytesIO()
+        np.savez(buf, **first.artifact())
+        buf.seek(0)
+        with np.load(buf, allow_pickle=False) as npz:
+            artifact = {k: npz[k] for k in npz.files}
+        assert all(a.dtype.kind in "biufU" for a in artifact.values())
     out = first.extract(medias[0])
     spec = first.output_spec()
     assert set(out) == set(spec)
@@ -58,6 +68,8 @@ def test_extractor_contract(name, media_factory):
         assert np.isfinite(out[field]).all(), field
 
     second = create_extractor(name, first.params())  # a fresh instance: same arrays
+    if cls.fit_required:
+        second.load_artifact(artifact)
     again = second.extract(medias[0])
     for field in spec:
         np.testing.assert_array_equal(again[field], out[field])

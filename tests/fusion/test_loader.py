@@ -124,3 +124,14 @@ def test_unknown_group_and_split(tiny_store):
         StreamingLoader(tiny_store, "train", groups=["smell"])
     with pytest.raises(StoreError, match="no split 'dev'"):
         StreamingLoader(tiny_store, "dev")
+
+
+def test_normalize_uses_train_statistics(tiny_store):
+    store = open_store(tiny_store)
+    st = store.stats("audio")["mfcc"]
+    raw = next(iter(StreamingLoader(tiny_store, "test", groups=["audio"], batch_size=64)))
+    norm = next(iter(StreamingLoader(tiny_store, "test", groups=["audio"], batch_size=64, normalize=True)))
+    x, z, mask = raw["features"]["audio.mfcc"], norm["features"]["audio.mfcc"], raw["mask"]["audio.mfcc"]
+    want = (x.numpy() - st["mean"]) / st["std"]
+    np.testing.assert_allclose(z.numpy()[mask.numpy()], want[mask.numpy()], rtol=1e-5, atol=1e-5)
+    assert not z[~mask].any()  # padding stays zero

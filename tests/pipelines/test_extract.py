@@ -158,3 +158,27 @@ def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp
     assert pq.read_table(tmp_path / "store/catalog/samples.parquet").equals(
         pq.read_table(tiny_store / "catalog/samples.parquet")
     )
+
+
+def _train_arrays(store, group, field):
+    arrays = []
+    for shard in store.shards("train"):
+        for s in wds.WebDataset(str(store.shard_path(group, shard)), shardshuffle=False):
+            if f"{field}.npy" in s:
+                arrays.append(np.load(io.BytesIO(s[f"{field}.npy"]), allow_pickle=False))
+    return arrays
+
+
+@pytest.mark.parametrize(("group", "field"), [("audio", "mfcc"), ("image", "embedding"), ("video", "grid")])
+def test_train_statistics_equal_numpy_over_all_train_arrays(tiny_store, group, field):
+    store = open_store(tiny_store)
+    arrays = _train_arrays(store, group, field)
+    spec = store.field_specs(group)[field]
+    x = (np.concatenate(arrays) if spec.variable else np.stack(arrays)).astype(np.float64)
+    st = store.stats(group)[field]
+    assert int(st["count"]) == x.shape[0]
+    np.testing.assert_allclose(st["mean"], x.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(st["std"], x.std(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(st["min"], x.min(0).astype(np.float32))
+    np.testing.assert_array_equal(st["max"], x.max(0).astype(np.float32))
+    assert store.meta["groups"][group]["stats"]["split"] == "train"
