@@ -117,6 +117,8 @@ class FrameCnn(Cnn):
 
     def extract_batch(self, medias: list[Any]) -> list[dict[str, np.ndarray]]:
         videos = [self._frames(m) for m in medias]
+        if not videos:
+            return []
         # Every frame of every video through the image extractor, in batches of batch_size.
         rows = super().extract_batch([f for v in videos for f in v])
         emb = np.stack([r["embedding"] for r in rows])  # (all frames, dim)

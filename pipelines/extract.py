@@ -41,6 +41,7 @@ class GroupConfig:
 
     extractor: str
     params: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)  # Dask worker resources, e.g. {GPU: 1}
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,33 @@ def fit_groups(store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], me
     return tuple(out), errors
 
 
+def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:
+    """Worker resources a shard task needs: the largest amount any group asks for.
+
+    Model-based groups can ask for ``{GPU: 1}`` so shard tasks run only on workers started
+    with ``dask worker ... --resources GPU=1``; a resource no worker offers is an error, not
+    a job that waits forever.
+    """
+    wanted: dict[str, float] = {}
+    for name, group in config.groups.items():
+        for res, amount in group.resources.items():
+            wanted[res] = max(wanted.get(res, 0.0), float(amount))
+    if not wanted:
+        return None
+    offered: dict[str, float] = {}
+    for worker in client.scheduler_info()["workers"].values():
+        for res, amount in (worker.get("resources") or {}).items():
+            offered[res] = max(offered.get(res, 0.0), float(amount))
+    for res, amount in wanted.items():
+        if offered.get(res, 0.0) < amount:
+            raise ConfigError(
+                f"a group asks for worker resource {res}={amount:g}, but no worker of the cluster offers it "
+                f"(offered: {offered or 'none'}); start workers with `dask worker SCHEDULER --resources {res}={amount:g}` "
+                "or remove the group's `resources`"
+            )
+    return wanted
+
+
 def run_extract(
     config: ExtractConfig, client=None, overwrite: bool = False, progress: bool = True
 ) -> ExtractSummary:
@@ -381,6 +409,7 @@ def run_extract(
         if not overwrite:
             raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
     manifest, plans, tasks, metas = prepare(config)
+    resources = _task_resources(config, client) if client is not None else None
     if store.exists():
         for sub in ("shards", "catalog", "artifacts", "stats"):
             shutil.rmtree(store / sub, ignore_errors=True)

@@ -180,3 +180,11 @@ def shared_data():
 
 
 from store_fixtures import demo_dir, tiny_store  # noqa: E402,F401  (session fixtures shared by all tests)
+
+
+def pytest_configure(config):
+    # The suite's models are tiny: on a 2-core machine one torch thread is faster than two
+    # (thread hand-offs dominate) and leaves the second core to Dask workers and DataLoaders.
+    import torch
+
+    torch.set_num_threads(1)

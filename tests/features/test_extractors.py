@@ -19,7 +19,9 @@ FAST_PARAMS = {
     "cnn": {"image_size": 32, "batch_size": 2, "device": "cpu"},
     "flow": {"size": 32, "max_frames": 4},
     "sentence": {"device": "cpu"},
-    "sift": {"codebook_size": 8, "size": 128},  # the factory images give ~40 descriptors at 128 px
+    "sift": {"codebook_size": 8, "size": 128},
+    "clip": {"clip_len": 4, "image_size": 32, "device": "cpu"},
+    "frame_cnn": {"image_size": 32, "batch_size": 2, "device": "cpu"},  # the factory images give ~40 descriptors at 128 px
 }
 CPU = {"device": "cpu"}
 HAS_ST = importlib.util.find_spec("sentence_transformers") is not None

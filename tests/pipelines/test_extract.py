@@ -182,3 +182,19 @@ def test_train_statistics_equal_numpy_over_all_train_arrays(tiny_store, group, f
     np.testing.assert_array_equal(st["min"], x.min(0).astype(np.float32))
     np.testing.assert_array_equal(st["max"], x.max(0).astype(np.float32))
     assert store.meta["groups"][group]["stats"]["split"] == "train"
+
+
+@pytest.mark.slow
+def test_gpu_resource_routes_tasks_and_missing_resource_is_an_error(demo_dir, tmp_path):
+    from distributed import Client, LocalCluster
+
+    groups = {"audio": {**TINY_GROUPS["audio"], "resources": {"GPU": 1}}}
+    cfg = load_extract_config(write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "s", groups))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        with pytest.raises(ConfigError, match=r"worker resource GPU=1, but no worker of the cluster offers it"):
+            run_extract(cfg, client=client, progress=False)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None, resources={"GPU": 1}
+    ) as cluster, Client(cluster) as client:
+        summary = run_extract(cfg, client=client, progress=False)  # nothing was written by the failed call
+    assert summary.samples == 48 and summary.errors == 0
