@@ -16,6 +16,7 @@ EPILOG = """\
 typical flow:
   modalstore demo-data data/demo --samples 1600 --seed 0
   modalstore extract configs/extract_demo.yaml
+  modalstore inspect stores/demo && modalstore verify stores/demo
   modalstore train configs/train_demo.yaml
   modalstore evaluate runs/demo
   modalstore report runs/demo
@@ -134,6 +135,44 @@ def _cmd_extractors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipelines.inspect import format_inspect, inspect_store
+
+    info = inspect_store(args.store)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.verify import verify_store
+
+    report = verify_store(
+        args.store, check_keys=not args.no_keys, progress=not args.quiet, workers=args.workers
+    )
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from pipelines.lookup import format_sample, get_sample, sample_to_json, save_npz
+    from pipelines.store import open_store
+
+    sample = get_sample(args.store, args.key, groups=args.group)
+    saved = save_npz(sample, args.out) if args.out else None
+    if args.json:
+        print(json.dumps(sample_to_json(sample)))
+    else:
+        print(format_sample(sample, open_store(args.store).classes))
+    if saved is not None:  # on stderr with --json, so stdout stays one JSON document
+        print(
+            f"saved {len(saved)} array(s) to {args.out}: {', '.join(saved)}",
+            file=sys.stderr if args.json else sys.stdout,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modalstore",
@@ -208,6 +247,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("extractors", "list every extractor with its parameters and defaults", _cmd_extractors)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add(
+        "inspect",
+        "summarise a store: groups, fields, splits, sizes, presence and errors",
+        _cmd_inspect,
+        "Summarise a store from store.json and its Parquet catalog (never reading the shards): "
+        "each group's extractor, version, parameters and fields; samples, shards and present samples "
+        "per split; shard bytes per group; per-sample errors by group, stage and error type.",
+    )
+    p.add_argument("store", help="store folder (the one holding store.json)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add(
+        "verify",
+        "check every shard's size, sha256 and keys against the catalog (exit 1 on problems)",
+        _cmd_verify,
+        "Re-hash every shard file and compare size and sha256 with catalog/shards.parquet; read each "
+        "tar's headers (nothing is extracted) and check that every group's shard holds the catalog's "
+        "keys in index order and that catalog/members.parquet matches the tar. Prints one line per "
+        "problem (kind: group/shard: detail), then a summary. Exit status: 0 clean, 1 problems found, "
+        "2 usage error or no store.",
+    )
+    p.add_argument("store", help="store folder (the one holding store.json)")
+    p.add_argument(
+        "--no-keys", action="store_true", help="check sizes and sha256 only (faster: no tar parsing)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="shards checked in parallel threads (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add(
+        "get",
+        "print one sample's metadata and arrays, read by key without scanning shards",
+        _cmd_get,
+        "Look a key up in the catalog and read only its members from each group's shard (seek + read "
+        "at the offsets in catalog/members.parquet). Prints key, label, split, shard and per field its "
+        "dtype, shape, min, mean and max.",
+    )
+    p.add_argument("store", help="store folder (the one holding store.json)")
+    p.add_argument("key", help="sample key, as in the manifest")
+    p.add_argument(
+        "--group", action="append", metavar="G", help="only this group (repeat for several; default: all)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print everything as JSON, arrays as nested lists with dtype and shape",
+    )
+    p.add_argument("--out", metavar="FILE.npz", help="also save the arrays to FILE.npz as 'group.field'")
     return parser
 
 

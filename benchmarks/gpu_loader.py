@@ -35,7 +35,11 @@ def main() -> int:
     from fusion.models import create_model
 
     dev = torch.device("cuda")
-    result: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
     # 1. batches on the GPU equal the CPU loader's
     cpu = next(iter(StreamingLoader(args.store, "val", batch_size=args.batch_size)))
@@ -46,11 +50,18 @@ def main() -> int:
     result["batches_on_gpu"] = bool(on_gpu)
 
     # 2. throughput and data-wait fraction while training on the stream
-    loader = StreamingLoader(args.store, "train", batch_size=args.batch_size, shuffle=True,
-                             num_workers=args.num_workers, device="cuda")
+    loader = StreamingLoader(
+        args.store,
+        "train",
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        device="cuda",
+    )
     torch.manual_seed(0)
-    model = create_model("late_fusion", loader.field_specs, loader.field_groups, loader.groups,
-                         loader.num_classes).to(dev)
+    model = create_model(
+        "late_fusion", loader.field_specs, loader.field_groups, loader.groups, loader.num_classes
+    ).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     wait = step = 0.0
     samples = 0

@@ -309,7 +309,9 @@ def group_meta(task: GroupTask, ex, artifact: dict | None = None) -> dict:
         "version": type(ex).version,
         "modality": task.modality,
         "params": task.params,
-        "fields": None if ex.fit_required and artifact is None else {k: v.to_dict() for k, v in ex.output_spec().items()},
+        "fields": None
+        if ex.fit_required and artifact is None
+        else {k: v.to_dict() for k, v in ex.output_spec().items()},
         "dir": f"shards/{task.name}",
     }
     if artifact is not None:
@@ -335,7 +337,9 @@ def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[Gro
     return manifest, plans, tuple(tasks), metas
 
 
-def fit_groups(store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], metas: dict, client=None) -> tuple:
+def fit_groups(
+    store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], metas: dict, client=None, resources=None
+) -> tuple:
     """Fit every fit-then-transform group on the TRAIN split only; save artifacts in the store.
 
     Returns the tasks (with artifact paths) and the error rows of media left out of a fit.
@@ -350,7 +354,8 @@ def fit_groups(store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], me
         if client is None:
             result = fit_group(task, train)
         else:
-            result = client.submit(fit_group, task, train, key=f"fit-{task.name}-{uuid.uuid4().hex[:8]}").result()
+            key = f"fit-{task.name}-{uuid.uuid4().hex[:8]}"
+            result = client.submit(fit_group, task, train, key=key, resources=resources).result()
         digest = hashlib.sha256(result["npz"]).hexdigest()
         rel = f"artifacts/{task.name}-{digest[:16]}.npz"
         path = store / rel
@@ -360,7 +365,9 @@ def fit_groups(store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], me
         os.replace(tmp, path)
         task = dataclasses.replace(task, artifact=str(path.resolve()))
         fitted = _extractor(task)
-        metas[task.name] = group_meta(task, fitted, {"path": rel, "sha256": digest, "fitted_on": result["fitted_on"], "split": "train"})
+        metas[task.name] = group_meta(
+            task, fitted, {"path": rel, "sha256": digest, "fitted_on": result["fitted_on"], "split": "train"}
+        )
         errors.extend(result["errors"])
         out.append(task)
     return tuple(out), errors
@@ -374,7 +381,7 @@ def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:
     a job that waits forever.
     """
     wanted: dict[str, float] = {}
-    for name, group in config.groups.items():
+    for group in config.groups.values():
         for res, amount in group.resources.items():
             wanted[res] = max(wanted.get(res, 0.0), float(amount))
     if not wanted:
@@ -415,7 +422,7 @@ def run_extract(
             shutil.rmtree(store / sub, ignore_errors=True)
         (store / STORE_FILE).unlink(missing_ok=True)
     store.mkdir(parents=True, exist_ok=True)
-    tasks, fit_errors = fit_groups(store, manifest, tasks, metas, client)
+    tasks, fit_errors = fit_groups(store, manifest, tasks, metas, client, resources)
 
     bar = tqdm(total=len(plans), desc="extract", unit="shard", disable=not progress)
     results = []
@@ -435,7 +442,12 @@ def run_extract(
         run_id = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
-                extract_shard, plan, tasks, str(store.resolve()), key=f"extract-{plan.name}-{run_id}"
+                extract_shard,
+                plan,
+                tasks,
+                str(store.resolve()),
+                key=f"extract-{plan.name}-{run_id}",
+                resources=resources,
             )
             for plan in plans
         ]

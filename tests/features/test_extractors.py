@@ -21,7 +21,11 @@ FAST_PARAMS = {
     "sentence": {"device": "cpu"},
     "sift": {"codebook_size": 8, "size": 128},
     "clip": {"clip_len": 4, "image_size": 32, "device": "cpu"},
-    "frame_cnn": {"image_size": 32, "batch_size": 2, "device": "cpu"},  # the factory images give ~40 descriptors at 128 px
+    "frame_cnn": {
+        "image_size": 32,
+        "batch_size": 2,
+        "device": "cpu",
+    },  # the factory images give ~40 descriptors at 128 px
 }
 CPU = {"device": "cpu"}
 HAS_ST = importlib.util.find_spec("sentence_transformers") is not None

@@ -184,17 +184,106 @@ def test_train_statistics_equal_numpy_over_all_train_arrays(tiny_store, group, f
     assert store.meta["groups"][group]["stats"]["split"] == "train"
 
 
-@pytest.mark.slow
-def test_gpu_resource_routes_tasks_and_missing_resource_is_an_error(demo_dir, tmp_path):
-    from distributed import Client, LocalCluster
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real cluster: `dask scheduler` and two `dask worker` processes, one with GPU=1."""
+    import os
+    import subprocess
+    import sys
+    import time
 
+    from distributed import Client
+
+    bindir = os.path.dirname(sys.executable)
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [
+                f"{bindir}/dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        for _ in range(300):
+            if sched_file.exists():
+                break
+            time.sleep(0.1)
+        common = [
+            f"{bindir}/dask",
+            "worker",
+            "--scheduler-file",
+            str(sched_file),
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+        ]
+        procs.append(
+            subprocess.Popen(
+                [*common, "--name", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [*common, "--name", "gpu", "--resources", "GPU=1"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        with Client(scheduler_file=str(sched_file)) as client:
+            client.wait_for_workers(2, timeout=120)
+            yield client
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_gpu_resource_routes_tasks_to_gpu_workers(demo_dir, tmp_path, dask_cluster):
+    from distributed import get_task_stream
+
+    client = dask_cluster
     groups = {"audio": {**TINY_GROUPS["audio"], "resources": {"GPU": 1}}}
-    cfg = load_extract_config(write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "s", groups))
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        with pytest.raises(ConfigError, match=r"worker resource GPU=1, but no worker of the cluster offers it"):
-            run_extract(cfg, client=client, progress=False)
-    with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None, resources={"GPU": 1}
-    ) as cluster, Client(cluster) as client:
-        summary = run_extract(cfg, client=client, progress=False)  # nothing was written by the failed call
+    cfg = load_extract_config(
+        write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "s", groups)
+    )
+    with get_task_stream(client) as ts:
+        summary = run_extract(cfg, client=client, progress=False)
+    names = {w["id"]: w["name"] for w in client.scheduler_info()["workers"].values()}
+    names.update({addr: w["name"] for addr, w in client.scheduler_info()["workers"].items()})
+    placed = {
+        str(t["key"]): names.get(t["worker"], t["worker"])
+        for t in ts.data
+        if str(t["key"]).startswith("extract-")
+    }
+    assert len(placed) == len(open_store(tmp_path / "s").shards("train")) + 2  # train shards + val + test
+    assert set(placed.values()) == {"gpu"}
     assert summary.samples == 48 and summary.errors == 0
+    cfg2 = load_extract_config(
+        write_extract_config(
+            tmp_path / "c2.yaml",
+            demo_dir / "manifest.csv",
+            tmp_path / "s2",
+            {"audio": {**TINY_GROUPS["audio"], "resources": {"TPU": 1}}},
+        )
+    )
+    with pytest.raises(ConfigError, match=r"worker resource TPU=1, but no worker of the cluster offers it"):
+        run_extract(cfg2, client=client, progress=False)
+    assert not (tmp_path / "s2").exists()  # refused before any work

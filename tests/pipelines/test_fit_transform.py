@@ -22,8 +22,12 @@ def write_manifest(path, rows):
     return path
 
 
-CAPTIONS = ["a red kite over the quiet harbor", "a loud blue tram in the busy square",
-            "the calm garden at dawn", "wild waves crash on the noisy beach"]
+CAPTIONS = [
+    "a red kite over the quiet harbor",
+    "a loud blue tram in the busy square",
+    "the calm garden at dawn",
+    "wild waves crash on the noisy beach",
+]
 
 
 def corpus():
@@ -40,8 +44,13 @@ def corpus():
 def test_tfidf_fitted_on_train_only_and_equal_to_sklearn(tmp_path):
     rows = corpus()
     manifest = write_manifest(tmp_path / "m.csv", rows)
-    cfg = write_extract_config(tmp_path / "c.yaml", manifest, tmp_path / "store",
-                               {"words": {"extractor": "tfidf", "params": {}}}, samples_per_shard=5)
+    cfg = write_extract_config(
+        tmp_path / "c.yaml",
+        manifest,
+        tmp_path / "store",
+        {"words": {"extractor": "tfidf", "params": {}}},
+        samples_per_shard=5,
+    )
     run_extract(load_extract_config(cfg), progress=False)
     store = open_store(tmp_path / "store")
     meta = store.meta["groups"]["words"]
@@ -71,11 +80,17 @@ def test_tfidf_fitted_on_train_only_and_equal_to_sklearn(tmp_path):
 def test_changing_test_texts_does_not_change_the_fit(tmp_path):
     digests = []
     for variant in ("a", "b"):
-        rows = [(k, y, s, t + (" extra words only here" if s == "test" and variant == "b" else ""))
-                for k, y, s, t in corpus()]
+        rows = [
+            (k, y, s, t + (" extra words only here" if s == "test" and variant == "b" else ""))
+            for k, y, s, t in corpus()
+        ]
         manifest = write_manifest(tmp_path / f"m{variant}.csv", rows)
-        cfg = write_extract_config(tmp_path / f"c{variant}.yaml", manifest, tmp_path / f"s{variant}",
-                                   {"words": {"extractor": "tfidf", "params": {}}})
+        cfg = write_extract_config(
+            tmp_path / f"c{variant}.yaml",
+            manifest,
+            tmp_path / f"s{variant}",
+            {"words": {"extractor": "tfidf", "params": {}}},
+        )
         run_extract(load_extract_config(cfg), progress=False)
         digests.append(open_store(tmp_path / f"s{variant}").meta["groups"]["words"]["artifact"]["sha256"])
     assert digests[0] == digests[1]
@@ -84,7 +99,8 @@ def test_changing_test_texts_does_not_change_the_fit(tmp_path):
 def test_fit_needs_train_media(tmp_path):
     rows = [(k, y, "test", t) for k, y, _, t in corpus()[:4]]
     manifest = write_manifest(tmp_path / "m.csv", rows)
-    cfg = write_extract_config(tmp_path / "c.yaml", manifest, tmp_path / "store",
-                               {"words": {"extractor": "tfidf", "params": {}}})
+    cfg = write_extract_config(
+        tmp_path / "c.yaml", manifest, tmp_path / "store", {"words": {"extractor": "tfidf", "params": {}}}
+    )
     with pytest.raises(Exception, match="must be fitted on the train split, but no train sample"):
         run_extract(load_extract_config(cfg), progress=False)

@@ -1,0 +1,190 @@
+"""Random access to one sample by key: catalog lookup, then a seek and a read per member.
+
+``catalog/samples.parquet`` gives the sample's shard; ``catalog/members.parquet`` gives, per
+group, each member's payload offset and size in that shard's tar, so no tar is iterated.
+Before decoding, the 512-byte tar header in front of each payload is checked against the
+catalog (name, size, checksum): a catalog that no longer matches its shards is an error,
+never silently wrong data. Members decode under the loader's rules: ``.npy`` without
+pickle and ``.json`` only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import ShardFormatError, StoreError
+from pipelines.inspect import format_table, read_columns
+from pipelines.store import open_store
+
+_HEADER = 512
+
+
+def decode_member(shard: str, name: str, suffix: str, data: bytes):
+    """Decode one member: ``.json`` or ``.npy`` (no pickle) only; anything else is refused.
+
+    The same rule as ``fusion.loader.decode_member`` (which pipelines cannot import).
+    """
+    if suffix == "json":
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ShardFormatError(f"{shard}: member {name!r}: invalid JSON: {exc}") from exc
+    if suffix == "npy" or suffix.endswith(".npy"):
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exc:
+            raise ShardFormatError(
+                f"{shard}: member {name!r}: not a plain .npy array (pickle refused): {exc}"
+            ) from exc
+    raise ShardFormatError(
+        f"{shard}: member {name!r}: extension {suffix!r} is not allowed (only .npy and .json)"
+    )
+
+
+def _read_member(f, shard: str, name: str, offset: int, size: int) -> bytes:
+    """The payload of one member, after checking the tar header just before it."""
+    if offset < _HEADER:
+        raise ShardFormatError(
+            f"{shard}: member {name!r}: catalog offset {offset} is inside the first header"
+        )
+    f.seek(offset - _HEADER)
+    buf = f.read(_HEADER + size)
+    if len(buf) < _HEADER + size:
+        raise ShardFormatError(
+            f"{shard}: member {name!r}: shard ends before byte {offset + size} (truncated); run modalstore verify"
+        )
+    try:
+        info = tarfile.TarInfo.frombuf(buf[:_HEADER], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise ShardFormatError(
+            f"{shard}: member {name!r}: no valid tar header before offset {offset} ({exc}); "
+            "the catalog does not match the shard, run modalstore verify"
+        ) from exc
+    # GNU tar keeps names over 100 bytes in a preceding long-name entry; this header holds a prefix.
+    expected = name.encode("utf-8", "surrogateescape")[:100]
+    if info.name.encode("utf-8", "surrogateescape")[:100] != expected or info.size != size:
+        raise ShardFormatError(
+            f"{shard}: member {name!r} ({size} bytes at offset {offset}) per catalog/members.parquet, "
+            f"but the tar header there is {info.name!r} ({info.size} bytes); run modalstore verify"
+        )
+    return buf[_HEADER:]
+
+
+def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> dict:
+    """One sample's metadata and arrays, read by random access.
+
+    Returns ``{"key", "split", "label", "shard", "index", "groups": {group: {"present",
+    "fields": {field: ndarray}}}}``.
+    """
+    import pyarrow.compute as pc
+
+    store = open_store(path)
+    groups = store.check_groups(groups)
+    rows = read_columns(
+        store, "samples", ["key", "split", "label", "shard", "index"], filters=pc.field("key") == key
+    )
+    if rows.num_rows == 0:
+        raise StoreError(f"{store.root}: no sample with key {key!r}")
+    if rows.num_rows > 1:
+        raise StoreError(
+            f"{store.root}: key {key!r} appears {rows.num_rows} times in catalog/samples.parquet"
+        )
+    row = rows.to_pylist()[0]
+    shard = row["shard"]
+    members = read_columns(
+        store,
+        "members",
+        ["group", "member", "offset", "size"],
+        filters=(pc.field("shard") == shard)
+        & pc.field("group").isin(groups)
+        & pc.starts_with(pc.field("member"), pattern=f"{key}."),
+    ).to_pylist()
+    by_group: dict[str, list[dict]] = {g: [] for g in groups}
+    for m in members:  # the members of one sample: a handful per group
+        by_group[m["group"]].append(m)
+
+    out = {k: row[k] for k in ("key", "split", "label", "shard", "index")}
+    out["groups"] = {}
+    for g in groups:
+        name = f"{store.meta['groups'][g]['dir']}/{shard}.tar"
+        if not any(m["member"] == f"{key}.json" for m in by_group[g]):
+            raise StoreError(
+                f"{name}: catalog/members.parquet has no {key}.json member; run modalstore verify"
+            )
+        fields, meta = {}, None
+        try:
+            f = open(store.shard_path(g, shard), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"{store.root}: shard file {name} missing; run modalstore verify") from None
+        with f:
+            for m in by_group[g]:
+                suffix = m["member"][len(key) + 1 :]
+                data = _read_member(f, name, m["member"], m["offset"], m["size"])
+                value = decode_member(name, m["member"], suffix, data)
+                if suffix == "json":
+                    meta = value
+                else:
+                    fields[suffix[: -len(".npy")]] = value
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise ShardFormatError(f"{name}: member {key}.json does not describe key {key!r}: {meta!r}")
+        out["groups"][g] = {"present": bool(meta.get("present", True)), "fields": fields}
+    return out
+
+
+def format_sample(sample: dict, classes: list[str] | None = None) -> str:
+    """The human-readable ``modalstore get`` report: metadata, then one line per field."""
+    label = sample["label"]
+    name = f" (class {classes[label]!r})" if classes and 0 <= label < len(classes) else ""
+    lines = [
+        f"key    {sample['key']}",
+        f"split  {sample['split']}",
+        f"label  {label}{name}",
+        f"shard  {sample['shard']} (sample #{sample['index']})",
+        "",
+    ]
+    rows = []
+    for g, gs in sample["groups"].items():
+        if not gs["present"]:
+            rows.append([g, "(missing)", "", "", "", "", ""])
+        for field, arr in gs["fields"].items():
+            if arr.size and arr.dtype.kind in "biuf":
+                stats = [f"{arr.min():.4g}", f"{arr.mean():.4g}", f"{arr.max():.4g}"]
+            else:
+                stats = ["-", "-", "-"]
+            rows.append([g, field, str(arr.dtype), str(arr.shape), *stats])
+    lines.append(
+        format_table(
+            ["group", "field", "dtype", "shape", "min", "mean", "max"], rows, right=("min", "mean", "max")
+        )
+    )
+    return "\n".join(lines)
+
+
+def sample_to_json(sample: dict) -> dict:
+    """``sample`` with arrays as nested lists (and their dtype and shape)."""
+    return {
+        **{k: v for k, v in sample.items() if k != "groups"},
+        "groups": {
+            g: {
+                "present": gs["present"],
+                "fields": {
+                    f: {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.tolist()}
+                    for f, a in gs["fields"].items()
+                },
+            }
+            for g, gs in sample["groups"].items()
+        },
+    }
+
+
+def save_npz(sample: dict, path: str | Path) -> list[str]:
+    """Save a sample's arrays to ``path`` (``.npz``) under ``group.field`` names; return the names."""
+    arrays = {f"{g}.{f}": a for g, gs in sample["groups"].items() for f, a in gs["fields"].items()}
+    with open(path, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name
+        np.savez(fh, **arrays)
+    return sorted(arrays)
