@@ -71,7 +71,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STORE)/store.json
+	$(BIN)/python -m pip install --quiet -e '.[text,dev,bench]'
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/fsdd_mfcc.py
+	$(BIN)/python benchmarks/gpu_loader.py --store $(STORE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

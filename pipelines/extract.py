@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ def _extractor(task: GroupTask):
             with np.load(task.artifact, allow_pickle=False) as npz:
                 ex.load_artifact({k: npz[k] for k in npz.files})
         ex.setup()
+        _pin_threads()  # setup may have imported torch or OpenCV
         _EXTRACTORS[cache_key] = ex
     return ex
 
@@ -123,6 +125,7 @@ def fit_group(task: GroupTask, samples: tuple[Sample, ...]) -> dict:
             f"but no train sample has decodable {task.modality!r} media"
         )
     ex.setup()
+    _pin_threads()
     ex.fit(medias)
     arrays = ex.artifact()
     for key, arr in arrays.items():
@@ -133,20 +136,31 @@ def fit_group(task: GroupTask, samples: tuple[Sample, ...]) -> dict:
     return {"npz": buf.getvalue(), "errors": errors, "fitted_on": len(medias)}
 
 
-def _pin_threads() -> int:
-    """One thread for OpenCV and torch; returns torch's previous thread count.
+_TORCH_THREADS: list[int] = []  # torch's own thread count, before we first pinned it
+
+
+def _pin_threads() -> None:
+    """One thread for OpenCV and (once something imported it) torch.
 
     Besides sharing cores fairly between worker processes, this makes model outputs
     independent of where a task runs: float reductions split over a different number of
     threads round differently, and stores must be byte-identical whatever the executor.
+    torch is not imported here: an MFCC job should not pay its 2-3 s import; extractors
+    that need it import it in ``setup``, after which this is called again.
     """
-    import cv2
-    import torch
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if not _TORCH_THREADS:
+            _TORCH_THREADS.append(torch.get_num_threads())
+        torch.set_num_threads(1)
 
-    cv2.setNumThreads(1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return previous
+
+def _restore_threads() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and _TORCH_THREADS:
+        torch.set_num_threads(_TORCH_THREADS[0])
 
 
 def _error_row(sample, group: str, shard: str, stage: str, exc: BaseException) -> dict:
@@ -427,15 +441,12 @@ def run_extract(
     bar = tqdm(total=len(plans), desc="extract", unit="shard", disable=not progress)
     results = []
     if client is None:
-        import torch
-
-        threads = torch.get_num_threads()
         try:
             for plan in plans:
                 results.append(extract_shard(plan, tasks, str(store.resolve())))
                 bar.update(1)
         finally:
-            torch.set_num_threads(threads)
+            _restore_threads()
     else:
         from distributed import as_completed
 
