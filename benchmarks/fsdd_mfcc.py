@@ -39,10 +39,16 @@ def run_modalstore(manifest: Path, out: Path, client) -> float:
     from pipelines.extract import load_extract_config, run_extract
 
     cfg = out.with_suffix(".yaml")
-    cfg.write_text(yaml.safe_dump({
-        "manifest": str(manifest), "store": str(out), "samples_per_shard": 250,
-        "groups": {"audio": {"extractor": "mfcc", "params": {"sample_rate": 16000, "n_mfcc": 40}}},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "manifest": str(manifest),
+                "store": str(out),
+                "samples_per_shard": 250,
+                "groups": {"audio": {"extractor": "mfcc", "params": {"sample_rate": 16000, "n_mfcc": 40}}},
+            }
+        )
+    )
     t0 = time.perf_counter()
     run_extract(load_extract_config(cfg), client=client, progress=False)
     return time.perf_counter() - t0
@@ -55,7 +61,9 @@ def run_lhotse(out: Path) -> float:
     recordings = RecordingSet.from_recordings(Recording.from_file(p) for p in sorted(FSDD.glob("*.wav")))
     cuts = CutSet.from_manifests(recordings=recordings).resample(16000)
     cuts = cuts.compute_and_store_features(
-        extractor=Mfcc(MfccConfig(sampling_rate=16000, num_ceps=40, num_filters=40)), storage_path=str(out), num_jobs=2
+        extractor=Mfcc(MfccConfig(sampling_rate=16000, num_ceps=40, num_filters=40)),
+        storage_path=str(out),
+        num_jobs=2,
     )
     cuts.to_file(str(out) + ".jsonl.gz")
     return time.perf_counter() - t0

@@ -2,7 +2,8 @@
 (magnitude spectrogram) and ``cqt`` (constant-Q magnitude).
 
 Each returns float32 (frames, bins) with librosa's centred frames: ``1 + samples // hop_length``
-frames, every one kept.
+frames, every one kept; or, with ``pool``, a fixed-size vector of statistics over those frames:
+"mean" (bins,), "meanstd" (2 * bins,: mean then std), "stats" (4 * bins,: mean, std, min, max).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from features.spec import FieldSpec
 DELTA_WIDTH = 9  # librosa.feature.delta's default
 POWER_AMIN = 1e-10  # librosa.power_to_db's default floor
 AMPLITUDE_AMIN = 1e-5  # librosa.amplitude_to_db's default floor (its square is POWER_AMIN)
+# pool -> statistics over frames, concatenated in this order (std is the population std, ddof=0).
+POOLS = {"none": (), "mean": ("mean",), "meanstd": ("mean", "std"), "stats": ("mean", "std", "min", "max")}
 
 
 # --- helpers shared by the extractors ------------------------------------------------------
@@ -36,6 +39,34 @@ def _check_bool(config: Any, key: str) -> None:
     value = getattr(config, key)
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def _check_pool(config: Any) -> None:
+    if not isinstance(config.pool, str) or config.pool not in POOLS:
+        raise ValueError(
+            f"pool must be one of {list(POOLS)} (none: the (frames, n) sequence; mean: (n,); "
+            f"meanstd: (2n,) mean then std; stats: (4n,) mean, std, min, max), got {config.pool!r}"
+        )
+
+
+def _pooled(spec: FieldSpec, pool: str) -> FieldSpec:
+    """The spec of the (frames, n) sequence ``spec`` after pooling by ``pool``."""
+    if pool == "none":
+        return spec
+    stats = POOLS[pool]
+    return FieldSpec(
+        "float32", (len(stats) * spec.shape[1],), f"{', '.join(stats)} over frames of {spec.description}"
+    )
+
+
+def _pool(frames: np.ndarray, pool: str) -> np.ndarray:
+    """(frames, n) float32 -> itself (``none``) or the float32 statistics of ``pool`` over frames
+    (computed in float64), concatenated: (k * n,)."""
+    if pool == "none":
+        return frames
+    x = frames.astype(np.float64)
+    funcs = {"mean": np.mean, "std": np.std, "min": np.min, "max": np.max}
+    return np.concatenate([funcs[s](x, axis=0) for s in POOLS[pool]]).astype(np.float32)
 
 
 def _check_band(sample_rate: int, fmin: float, fmax: float | None) -> None:
@@ -89,8 +120,10 @@ class MfccConfig:
     fmin: float = 0.0
     fmax: float | None = None
     deltas: bool = False
+    pool: str = "none"
 
     def __post_init__(self) -> None:
+        _check_pool(self)
         _check_ints(self, ("sample_rate", "n_mfcc", "n_fft", "hop_length", "n_mels"))
         if self.n_mfcc > self.n_mels:
             # librosa would silently return only n_mels coefficients.
@@ -130,7 +163,8 @@ class Mfcc(Extractor):
     def output_spec(self) -> dict[str, FieldSpec]:
         cols = self.config.n_mfcc * (3 if self.config.deltas else 1)
         what = "MFCC, delta, delta-delta" if self.config.deltas else "MFCC"
-        return {"mfcc": FieldSpec("float32", (None, cols), f"(frames, coefficients): {what}")}
+        spec = FieldSpec("float32", (None, cols), f"(frames, coefficients): {what}")
+        return {"mfcc": _pooled(spec, self.config.pool)}
 
     def extract(self, media: Any) -> dict[str, np.ndarray]:
         import librosa
@@ -149,7 +183,7 @@ class Mfcc(Extractor):
         )  # (n_mfcc, frames)
         if cfg.deltas:
             m = np.concatenate([m, *deltas(m)], axis=0)
-        return {"mfcc": _frames(m)}
+        return {"mfcc": _pool(_frames(m), cfg.pool)}
 
 
 # --- melspec -------------------------------------------------------------------------------
@@ -171,8 +205,10 @@ class MelspecConfig:
     fmax: float | None = None
     power: float = 2.0
     log: bool = True
+    pool: str = "none"
 
     def __post_init__(self) -> None:
+        _check_pool(self)
         _check_ints(self, ("sample_rate", "n_fft", "hop_length", "n_mels"))
         _check_band(self.sample_rate, self.fmin, self.fmax)
         if self.power not in (1.0, 2.0) or isinstance(self.power, bool):
@@ -193,7 +229,8 @@ class Melspec(Extractor):
 
     def output_spec(self) -> dict[str, FieldSpec]:
         unit = "dB" if self.config.log else ("power" if self.config.power == 2.0 else "magnitude")
-        return {"melspec": FieldSpec("float32", (None, self.config.n_mels), f"(frames, mel bands), {unit}")}
+        spec = FieldSpec("float32", (None, self.config.n_mels), f"(frames, mel bands), {unit}")
+        return {"melspec": _pooled(spec, self.config.pool)}
 
     def extract(self, media: Any) -> dict[str, np.ndarray]:
         import librosa
@@ -212,7 +249,7 @@ class Melspec(Extractor):
         )  # (n_mels, frames)
         if cfg.log:
             S = _to_db(S, cfg.power)
-        return {"melspec": _frames(S)}
+        return {"melspec": _pool(_frames(S), cfg.pool)}
 
 
 # --- stft ----------------------------------------------------------------------------------
@@ -233,8 +270,10 @@ class StftConfig:
     win_length: int | None = None
     window: str | tuple = "hann"
     log: bool = True
+    pool: str = "none"
 
     def __post_init__(self) -> None:
+        _check_pool(self)
         _check_ints(self, ("sample_rate", "n_fft", "hop_length"))
         if self.win_length is not None:
             _check_ints(self, ("win_length",))
@@ -275,7 +314,8 @@ class Stft(Extractor):
     def output_spec(self) -> dict[str, FieldSpec]:
         bins = self.config.n_fft // 2 + 1
         unit = "dB" if self.config.log else "magnitude"
-        return {"stft": FieldSpec("float32", (None, bins), f"(frames, frequency bins), {unit}")}
+        spec = FieldSpec("float32", (None, bins), f"(frames, frequency bins), {unit}")
+        return {"stft": _pooled(spec, self.config.pool)}
 
     def extract(self, media: Any) -> dict[str, np.ndarray]:
         import librosa
@@ -293,7 +333,7 @@ class Stft(Extractor):
         )  # (n_fft // 2 + 1, frames)
         if cfg.log:
             S = _to_db(S, 1.0)
-        return {"stft": _frames(S)}
+        return {"stft": _pool(_frames(S), cfg.pool)}
 
 
 # --- cqt -----------------------------------------------------------------------------------
@@ -315,8 +355,10 @@ class CqtConfig:
     n_bins: int = 72
     bins_per_octave: int = 12
     log: bool = True
+    pool: str = "none"
 
     def __post_init__(self) -> None:
+        _check_pool(self)
         _check_ints(self, ("sample_rate", "hop_length", "n_bins", "bins_per_octave"))
         if not isinstance(self.fmin, numbers.Real) or not self.fmin > 0:
             raise ValueError(f"fmin must be a frequency > 0 Hz, got {self.fmin!r}")
@@ -345,7 +387,8 @@ class Cqt(Extractor):
 
     def output_spec(self) -> dict[str, FieldSpec]:
         unit = "dB" if self.config.log else "magnitude"
-        return {"cqt": FieldSpec("float32", (None, self.config.n_bins), f"(frames, CQT bins), {unit}")}
+        spec = FieldSpec("float32", (None, self.config.n_bins), f"(frames, CQT bins), {unit}")
+        return {"cqt": _pooled(spec, self.config.pool)}
 
     def extract(self, media: Any) -> dict[str, np.ndarray]:
         import librosa
@@ -368,4 +411,4 @@ class Cqt(Extractor):
             raise MediaError(f"cqt: cannot transform audio of {y.size} samples: {exc}") from exc
         if cfg.log:
             C = _to_db(C, 1.0)
-        return {"cqt": _frames(C)}
+        return {"cqt": _pool(_frames(C), cfg.pool)}

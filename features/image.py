@@ -1,9 +1,16 @@
-"""Image extractors: ``cnn``, the pooled penultimate features of a torchvision backbone."""
+"""Image extractors: ``cnn``, the pooled penultimate features of a torchvision backbone,
+optionally of several augmented views per image and with the spatial feature map (``grid``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import numbers
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -22,17 +29,34 @@ _HEADS = {
     "efficientnet": "classifier",
     "vit": "heads",
 }
+# Backbone family -> module whose output is the last feature map before global pooling.
+_GRID_MODULES = {
+    "resnet": "layer4",
+    "resnext": "layer4",
+    "wide_resnet": "layer4",
+    "regnet": "trunk_output",
+    "mobilenet": "features",
+    "efficientnet": "features",
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
-def _head_attr(backbone: str) -> str | None:
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
+
+
+def _family(backbone: str) -> str | None:
     # Longest prefix first, so "wide_resnet50_2" is not taken for a plain resnet.
     for prefix in sorted(_HEADS, key=len, reverse=True):
         if backbone.startswith(prefix):
-            return _HEADS[prefix]
+            return prefix
     return None
+
+
+def _head_attr(backbone: str) -> str | None:
+    family = _family(backbone)
+    return None if family is None else _HEADS[family]
 
 
 def _random_weights(weights: str | None) -> bool:
@@ -51,6 +75,12 @@ class CnnConfig:
     ``weights``: None or "none" for random weights seeded by ``seed``; a torchvision weights
     name ("DEFAULT", "IMAGENET1K_V1" or "ResNet18_Weights.IMAGENET1K_V1", downloaded where
     there is a network); or a local ``.pt``/``.pth`` state dict of the model.
+
+    ``views=1``: the image as is (resized, or the weights' own transforms); ``views=K > 1``: K
+    augmented views, each a random resized crop (area fraction in ``crop_scale``, aspect ratio
+    in 3/4..4/3, resized to ``image_size``) flipped horizontally with probability 0.5 when
+    ``flip``; drawn deterministically from the image's content, ``augment_seed`` and the view
+    index (see ``view_params``). ``grid``: also output the backbone's last feature map.
     """
 
     backbone: str = "resnet18"
@@ -59,6 +89,11 @@ class CnnConfig:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
+    views: int = 1
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip: bool = True
+    augment_seed: int = 0
+    grid: bool = False
 
     def __post_init__(self) -> None:
         if _head_attr(self.backbone) is None:
@@ -71,6 +106,38 @@ class CnnConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_views(self)
+        if not isinstance(self.grid, bool):
+            raise ValueError(f"grid must be true or false, got {self.grid!r}")
+        if self.grid and _family(self.backbone) == "vit":
+            raise ValueError(
+                f"grid is not available for ViT backbones ({self.backbone} has no spatial feature "
+                "map before pooling); use a CNN backbone or grid=False"
+            )
+
+
+def check_views(config: Any) -> None:
+    """Validate the ``views``, ``crop_scale``, ``flip`` and ``augment_seed`` fields of a frozen
+    config, storing ``crop_scale`` as a tuple of two floats."""
+    views = config.views
+    if not isinstance(views, numbers.Integral) or isinstance(views, bool) or views < 1:
+        raise ValueError(f"views must be an integer >= 1 (1: no augmentation), got {views!r}")
+    scale = config.crop_scale
+    ok = (
+        isinstance(scale, (tuple, list))
+        and len(scale) == 2
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale)
+    )
+    if not ok or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(
+            f"crop_scale must be two area fractions (low, high) with 0 < low <= high <= 1, got {scale!r}"
+        )
+    object.__setattr__(config, "crop_scale", (float(scale[0]), float(scale[1])))
+    if not isinstance(config.flip, bool):
+        raise ValueError(f"flip must be true or false, got {config.flip!r}")
+    seed = config.augment_seed
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"augment_seed must be an integer, got {seed!r}")
 
 
 def resolve_device(device: str) -> str:
@@ -132,6 +199,110 @@ def make_preprocess(image_size: int, weights_enum: Any = None):
 
     def preprocess(x):
         x = TF.resize(x.float().div(255.0), [image_size, image_size], antialias=True)
+        return (x - mean) / std
+
+    return preprocess
+
+
+# --- augmented views ------------------------------------------------------------------------
+# Crop and flip are drawn with a private torch.Generator seeded from the media's content, not
+# with torchvision's v2.RandomResizedCrop / v2.RandomHorizontalFlip objects: those draw from the
+# global RNG, and seeding it (fork_rng + manual_seed) races with any other thread using it (Dask
+# threaded workers). ``sample_view`` makes the same draws, in the same order, as
+# v2.RandomResizedCrop.make_params then v2.RandomHorizontalFlip, so under a global seed equal to
+# ``view_seed`` torchvision's transforms pick the same view; the transforms are then applied with
+# torchvision.transforms.v2.functional (resized_crop, horizontal_flip).
+
+
+def content_digest(media: np.ndarray) -> bytes:
+    """sha256 of an array's dtype, shape and bytes: the identity views are derived from."""
+    a = np.ascontiguousarray(media)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a))
+    return h.digest()
+
+
+def _seed_from_digest(digest: bytes, augment_seed: int, view: int) -> int:
+    return int.from_bytes(hashlib.sha256(digest + f":{augment_seed}:{view}".encode()).digest()[:8], "little")
+
+
+def view_seed(media: np.ndarray, augment_seed: int, view: int) -> int:
+    """The 64-bit seed of view ``view`` of ``media``: sha256 of its content, ``augment_seed``
+    and ``view``; independent of batch composition, order and process."""
+    return _seed_from_digest(content_digest(media), augment_seed, view)
+
+
+def sample_view(
+    height: int, width: int, seed: int, crop_scale: tuple[float, float], flip: bool
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flipped) of a random resized crop of a ``height`` x ``width``
+    image, drawn from a torch.Generator seeded with ``seed`` exactly as RandomResizedCrop
+    (scale ``crop_scale``, ratio 3/4..4/3) then RandomHorizontalFlip(p=0.5) draw them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    area = height * width
+    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(crop_scale[0], crop_scale[1], generator=g).item()
+        aspect = torch.exp(
+            torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=g)
+        ).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+            break
+    else:  # torchvision's fallback: the central crop at the nearest allowed aspect ratio
+        in_ratio = width / height
+        if in_ratio < min(CROP_RATIO):
+            w, h = width, int(round(width / min(CROP_RATIO)))
+        elif in_ratio > max(CROP_RATIO):
+            w, h = int(round(height * max(CROP_RATIO))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    flipped = bool(torch.rand(1, generator=g).item() < 0.5) and flip
+    return top, left, h, w, flipped
+
+
+def view_params(
+    media: np.ndarray,
+    augment_seed: int,
+    view: int,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    flip: bool = True,
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flipped) of view ``view`` of ``media``, as ``cnn`` (an
+    (H, W, 3) uint8 image) and ``frame_cnn`` (its sampled (T, H, W, 3) RGB frames: one crop for
+    every frame of a view) with ``views > 1`` take it."""
+    media = np.asarray(media)
+    if media.ndim not in (3, 4) or media.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) image or (T, H, W, 3) frames, got shape {media.shape}")
+    height, width = media.shape[-3:-1]
+    return sample_view(height, width, view_seed(media, augment_seed, view), crop_scale, flip)
+
+
+def make_view_preprocess(image_size: int, weights_enum: Any = None):
+    """Callable: (uint8 tensor (3, H, W), view params) -> normalised float (3, image_size,
+    image_size): crop and resize (bilinear, antialiased), flip, then the weights' normalisation
+    (ImageNet's for random weights)."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    if weights_enum is not None:
+        default = weights_enum.transforms()
+        mean_std = (default.mean, default.std)
+    else:
+        mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in mean_std)
+
+    def preprocess(x, params: tuple[int, int, int, int, bool]):
+        top, left, height, width, flipped = params
+        x = TF.resized_crop(x.float().div(255.0), top, left, height, width, [image_size, image_size])
+        if flipped:
+            x = TF.horizontal_flip(x)
         return (x - mean) / std
 
     return preprocess
@@ -217,8 +388,20 @@ def _check_image(image: Any) -> np.ndarray:
     return image if image.flags.writeable else image.copy()  # torch warns on read-only arrays
 
 
+def _tensor(image: np.ndarray):
+    """uint8 (H, W, 3) array -> uint8 tensor (3, H, W)."""
+    import torch
+
+    image = image if image.flags.writeable else image.copy()  # torch warns on read-only arrays
+    return torch.from_numpy(image).permute(2, 0, 1)
+
+
 @register_extractor
 class Cnn(Extractor):
+    """Pooled features of a torchvision backbone with its head removed: ``embedding`` (dim,),
+    or (views, dim) with ``views > 1``; with ``grid`` also the last feature map before global
+    pooling, ``grid`` (channels, h, w) or (views, channels, h, w)."""
+
     name = "cnn"
     version = 1
     modality = "image"
@@ -229,6 +412,7 @@ class Cnn(Extractor):
         super().__init__(config, **params)
         self._model = None
         self._dim: int | None = None
+        self._grid_shape: tuple[int, int, int] | None = None
 
     def setup(self) -> None:
         if self._model is not None:
@@ -242,46 +426,128 @@ class Cnn(Extractor):
         self._device = torch.device(resolve_device(cfg.device))
         self._model = model.to(self._device)
         self._preprocess = make_preprocess(cfg.image_size, enum)
+        self._view_preprocess = make_view_preprocess(cfg.image_size, enum)
+
+    def _shape_model(self):
+        """The backbone with random weights, built on the meta device (allocates and initialises
+        nothing: milliseconds) where the model allows it, else on the CPU."""
+        import torch
+        from torchvision import models
+
+        backbone = self.config.backbone
+        try:
+            try:
+                with torch.device("meta"):
+                    return models.get_model(backbone, weights=None)
+            except NotImplementedError:  # RegNet computes its widths from tensors at build time
+                return models.get_model(backbone, weights=None)
+        except ValueError as exc:
+            raise ConfigError(f"extractor {self.name!r}: unknown torchvision backbone {backbone!r}") from exc
 
     def embedding_dim(self) -> int:
         if self._dim is None:
-            # Building on the meta device allocates and initialises nothing: milliseconds.
-            import torch
             from torch import nn
-            from torchvision import models
 
-            try:
-                with torch.device("meta"):
-                    model = models.get_model(self.config.backbone, weights=None)
-            except ValueError as exc:
-                raise ConfigError(
-                    f"extractor {self.name!r}: unknown torchvision backbone {self.config.backbone!r}"
-                ) from exc
-            head = getattr(model, _head_attr(self.config.backbone))
+            head = getattr(self._shape_model(), _head_attr(self.config.backbone))
             self._dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
         return self._dim
 
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(channels, h, w) of the last feature map at ``image_size``, from a forward on the meta device."""
+        if self._grid_shape is None:
+            import torch
+
+            model = self._shape_model().eval()
+            param = next(model.parameters())
+            x = torch.zeros(1, 3, self.config.image_size, self.config.image_size, device=param.device)
+            with torch.inference_mode():
+                _, grid = self._forward(model, x, grid=True)
+            self._grid_shape = tuple(grid.shape[1:])
+        return self._grid_shape
+
     def output_spec(self) -> dict[str, FieldSpec]:
-        return {"embedding": FieldSpec("float32", (self.embedding_dim(),), "pooled backbone features")}
+        cfg = self.config
+        views = (cfg.views,) if cfg.views > 1 else ()
+        per = "(views, dim) " if views else ""
+        spec = {
+            "embedding": FieldSpec(
+                "float32", (*views, self.embedding_dim()), f"{per}pooled backbone features"
+            )
+        }
+        if cfg.grid:
+            spec["grid"] = FieldSpec(
+                "float32",
+                (*views, *self.grid_shape()),
+                f"({'views, ' if views else ''}channels, h, w) last feature map before global pooling",
+            )
+        return spec
+
+    def _view_list(self, media: np.ndarray) -> list[tuple[int, int, int, int, bool] | None]:
+        """The views of ``media`` (an image, or one video's frames): [None] for the plain image."""
+        cfg = self.config
+        if cfg.views == 1:
+            return [None]
+        digest = content_digest(media)
+        height, width = media.shape[-3:-1]
+        return [
+            sample_view(
+                height, width, _seed_from_digest(digest, cfg.augment_seed, k), cfg.crop_scale, cfg.flip
+            )
+            for k in range(cfg.views)
+        ]
+
+    def _inputs(self, image: np.ndarray, views: list) -> Iterator[Any]:
+        """Normalised float (3, image_size, image_size) tensors: one per view of ``image``."""
+        x = _tensor(image)  # (3, H, W) uint8
+        for params in views:
+            yield self._preprocess(x) if params is None else self._view_preprocess(x, params)
+
+    def _forward(self, model, x, grid: bool):
+        """(embeddings (batch, dim), last feature maps (batch, C, h, w) or None) of one batch."""
+        if not grid:
+            return model(x), None
+        kept = []
+        module = getattr(model, _GRID_MODULES[_family(self.config.backbone)])
+        handle = module.register_forward_hook(lambda _m, _i, out: kept.append(out))
+        try:
+            emb = model(x)
+        finally:
+            handle.remove()
+        return emb, kept[-1]
+
+    def _embed(self, inputs: Iterable[Any], grid: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run the backbone over preprocessed inputs in batches of ``batch_size``:
+        ((n, dim), (n, C, h, w) or None) float32."""
+        import torch
+
+        self.setup()
+        inputs = iter(inputs)
+        embs, grids = [], []
+        with torch.inference_mode():
+            while batch := list(islice(inputs, self.config.batch_size)):
+                emb, fmap = self._forward(self._model, torch.stack(batch).to(self._device), grid)
+                embs.append(emb.float().cpu().numpy())  # (batch, dim)
+                if grid:
+                    grids.append(fmap.float().cpu().numpy())  # (batch, C, h, w)
+        if not embs:
+            return np.zeros((0, self.embedding_dim()), np.float32), None
+        return np.concatenate(embs), (np.concatenate(grids) if grid else None)
 
     def extract(self, media: Any) -> dict[str, np.ndarray]:
         return self.extract_batch([media])[0]
 
     def extract_batch(self, medias: list[Any]) -> list[dict[str, np.ndarray]]:
-        import torch
-
-        self.setup()
+        cfg = self.config
         images = [_check_image(m) for m in medias]
+        emb, grid = self._embed(
+            (t for img in images for t in self._inputs(img, self._view_list(img))), cfg.grid
+        )
+        k = cfg.views
         out: list[dict[str, np.ndarray]] = []
-        bs = self.config.batch_size
-        with torch.inference_mode():
-            for start in range(0, len(images), bs):
-                batch = torch.stack(
-                    [
-                        self._preprocess(torch.from_numpy(img).permute(2, 0, 1))  # (3, H, W) uint8
-                        for img in images[start : start + bs]
-                    ]
-                ).to(self._device)
-                emb = self._model(batch).float().cpu().numpy()  # (batch, dim)
-                out.extend({"embedding": np.ascontiguousarray(e, dtype=np.float32)} for e in emb)
+        for i in range(len(images)):
+            rows = slice(i * k, (i + 1) * k) if k > 1 else i  # (views, ...) or one row
+            item = {"embedding": np.ascontiguousarray(emb[rows], dtype=np.float32)}
+            if grid is not None:
+                item["grid"] = np.ascontiguousarray(grid[rows], dtype=np.float32)
+            out.append(item)
         return out

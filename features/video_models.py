@@ -12,6 +12,7 @@ from features.errors import MediaError
 from features.image import (
     Cnn,
     CnnConfig,
+    check_views,
     is_checkpoint,
     load_checkpoint,
     resolve_device,
@@ -56,6 +57,8 @@ class FrameCnnConfig:
 
     ``num_frames``: that many frames evenly spaced over the video; ``fps``: frames sampled at
     that rate by timestamp (set ``num_frames=None`` to use it); ``max_frames``: a cap (0: none).
+    ``views``, ``crop_scale``, ``flip``, ``augment_seed``: as for ``cnn``, with one crop and flip
+    per view shared by all frames of the video (drawn from the sampled frames' content).
     """
 
     backbone: str = "resnet18"
@@ -67,19 +70,33 @@ class FrameCnnConfig:
     fps: float | None = None
     num_frames: int | None = 8
     max_frames: int = 64
+    views: int = 1
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip: bool = True
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
-        CnnConfig(self.backbone, self.weights, self.image_size, self.batch_size, self.seed, self.device)
+        CnnConfig(
+            backbone=self.backbone,
+            weights=self.weights,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            device=self.device,
+        )
+        check_views(self)
         _check_sampling(self.fps, self.num_frames, self.max_frames)
 
 
 @register_extractor
 class FrameCnn(Cnn):
-    """The image ``cnn`` extractor run on every sampled frame: one embedding row per frame.
+    """The image ``cnn`` extractor run on every sampled frame: one embedding row per frame,
+    (frames, dim), or (frames, views, dim) with ``views > 1``.
 
     Frames are sampled when decoding (``decode_request``). ``extract`` embeds the frames it is
     given, after picking ``num_frames`` of them evenly (a no-op on frames decoded with the
-    request) and applying the ``max_frames`` cap; gray frames are repeated into RGB.
+    request) and applying the ``max_frames`` cap; gray frames are repeated into RGB. View k of
+    a video is one crop and flip applied to all its frames, so it stays consistent over time.
     """
 
     name = "frame_cnn"
@@ -99,6 +116,15 @@ class FrameCnn(Cnn):
         }
 
     def output_spec(self) -> dict[str, FieldSpec]:
+        views = self.config.views
+        if views > 1:
+            return {
+                "embedding": FieldSpec(
+                    "float32",
+                    (None, views, self.embedding_dim()),
+                    "(sampled frames, views, dim) pooled backbone features",
+                )
+            }
         return {
             "embedding": FieldSpec(
                 "float32", (None, self.embedding_dim()), "(sampled frames, dim) pooled backbone features"
@@ -119,11 +145,21 @@ class FrameCnn(Cnn):
         videos = [self._frames(m) for m in medias]
         if not videos:
             return []
-        # Every frame of every video through the image extractor, in batches of batch_size.
-        rows = super().extract_batch([f for v in videos for f in v])
-        emb = np.stack([r["embedding"] for r in rows])  # (all frames, dim)
-        bounds = np.cumsum([len(v) for v in videos])[:-1]
-        return [{"embedding": np.ascontiguousarray(e)} for e in np.split(emb, bounds)]
+
+        def inputs():
+            for video in videos:
+                views = self._view_list(video)  # from the whole video: one crop per view for all frames
+                for frame in video:
+                    yield from self._inputs(frame, views)
+
+        # Every view of every frame of every video through the backbone, in batches of batch_size.
+        emb, _ = self._embed(inputs(), grid=False)  # (all frames * views, dim)
+        k = self.config.views
+        bounds = np.cumsum([len(v) * k for v in videos])[:-1]
+        return [
+            {"embedding": np.ascontiguousarray(e.reshape(len(v), k, -1) if k > 1 else e)}
+            for v, e in zip(videos, np.split(emb, bounds), strict=True)
+        ]
 
 
 # --- clip ---------------------------------------------------------------------------------
