@@ -8,8 +8,6 @@ Only ``.npy`` (``allow_pickle=False``) and ``.json`` members are decoded.
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -23,26 +21,8 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from features.errors import ShardFormatError
 from features.spec import FieldSpec
+from pipelines.lookup import decode_member  # the one safe-decoding rule, shared with `get`
 from pipelines.store import open_store
-
-
-def decode_member(shard: str, name: str, suffix: str, data: bytes):
-    """Decode one member: ``.json`` or ``.npy`` only; anything else is refused."""
-    if suffix == "json":
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise ShardFormatError(f"{shard}: member {name!r}: invalid JSON: {exc}") from exc
-    if suffix.endswith(".npy") or suffix == "npy":
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as exc:
-            raise ShardFormatError(
-                f"{shard}: member {name!r}: not a plain .npy array (pickle refused): {exc}"
-            ) from exc
-    raise ShardFormatError(
-        f"{shard}: member {name!r}: extension {suffix!r} is not allowed (only .npy and .json)"
-    )
 
 
 def iter_group_shard(path: Path) -> Iterator[dict]:

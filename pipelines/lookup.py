@@ -27,7 +27,7 @@ _HEADER = 512
 def decode_member(shard: str, name: str, suffix: str, data: bytes):
     """Decode one member: ``.json`` or ``.npy`` (no pickle) only; anything else is refused.
 
-    The same rule as ``fusion.loader.decode_member`` (which pipelines cannot import).
+    The streaming loader (``fusion.loader``) uses this same function.
     """
     if suffix == "json":
         try:
