@@ -186,6 +186,64 @@ def _check_outputs(ex, out: dict[str, np.ndarray]) -> None:
             raise ModalstoreError(f"extractor {ex.name!r}, field {name!r}: output contains NaN or Inf")
 
 
+STATE_DIR = ".extract"  # run identity and finished shards' catalog rows, while a run is incomplete
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _from_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=obj["dtype"]).reshape(obj["shape"])
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    return obj
+
+
+def _part_path(store: Path, shard: str) -> Path:
+    return store / STATE_DIR / "parts" / f"{shard}.json"
+
+
+def _save_part(store: Path, result: dict) -> None:
+    """Record a finished shard (its catalog rows) so an interrupted run can resume after it."""
+    path = _part_path(store, result["shard"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    body = {k: v for k, v in result.items() if k != "seconds"}
+    tmp.write_text(json.dumps(_to_jsonable(body)))  # key order is column order in the catalog
+    os.replace(tmp, path)
+
+
+def _load_part(store: Path, plan: ShardPlan, tasks: tuple[GroupTask, ...]) -> dict | None:
+    """A finished shard's result, if its part and every group's tar are present and intact."""
+    path = _part_path(store, plan.name)
+    if not path.exists():
+        return None
+    try:
+        result = _from_jsonable(json.loads(path.read_text()))
+    except ValueError:
+        return None
+    files = {f["group"]: f for f in result["files"]}
+    for task in tasks:
+        f = files.get(task.name)
+        tar = store / "shards" / task.name / f"{plan.name}.tar"
+        if f is None or not tar.exists() or tar.stat().st_size != f["bytes"]:
+            return None
+    result["seconds"] = 0.0
+    return result
+
+
 def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) -> dict:
     """Compute every group for the samples of one shard and write one tar per group.
 
@@ -284,7 +342,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
         }
         for i, s in enumerate(plan.samples)
     ]
-    return {
+    result = {
         "shard": plan.name,
         "samples": rows,
         "errors": errors,
@@ -293,6 +351,8 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
         "moments": moments,
         "seconds": time.perf_counter() - t0,
     }
+    _save_part(Path(store), result)
+    return result
 
 
 def _later_uses(groups: tuple[GroupTask, ...], g: GroupTask) -> bool:
@@ -308,8 +368,14 @@ class ExtractSummary:
     errors: int
     seconds: float
     error_rows: list[dict]
+    up_to_date: bool = False
+    resumed_shards: int = 0
 
     def __str__(self) -> str:
+        if self.up_to_date:
+            return (
+                f"{self.store} is up to date ({self.samples} samples in {self.shards} shards); nothing to do"
+            )
         return (
             f"wrote {self.samples} samples in {self.shards} shards to {self.store} "
             f"in {self.seconds:.1f} s; {self.errors} per-sample error(s)"
@@ -331,6 +397,17 @@ def group_meta(task: GroupTask, ex, artifact: dict | None = None) -> dict:
     if artifact is not None:
         meta["artifact"] = artifact
     return meta
+
+
+def run_identity(config: ExtractConfig, manifest: Manifest, tasks: tuple[GroupTask, ...]) -> str:
+    """What a store's content is a function of: the manifest's bytes and every group's config."""
+    body = {
+        "manifest": manifest.fingerprint,
+        "samples_per_shard": config.samples_per_shard,
+        "missing_media": config.missing_media,
+        "groups": {t.name: [t.extractor, get_extractor(t.extractor).version, t.params] for t in tasks},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[GroupTask, ...], dict]:
@@ -422,27 +499,59 @@ def run_extract(
 
     t0 = time.perf_counter()
     store = Path(config.store)
+    manifest, plans, tasks, metas = prepare(config)
+    identity = run_identity(config, manifest, tasks)
+    state = store / STATE_DIR / "run.json"
     if store.exists() and any(store.iterdir()):
-        if not (store / STORE_FILE).exists() and not (store / "shards").exists():
+        if not (store / STORE_FILE).exists() and not state.exists() and not (store / "shards").exists():
             raise StoreError(
                 f"{store}: exists, is not empty and is not a modalstore store; choose another path"
             )
-        if not overwrite:
+        if (store / STORE_FILE).exists():
+            done = json.loads((store / STORE_FILE).read_text()).get("identity")
+            if done == identity and not overwrite:
+                return ExtractSummary(
+                    str(store), len(manifest), len(plans), 0, time.perf_counter() - t0, [], up_to_date=True
+                )
+            if not overwrite:
+                raise StoreError(
+                    f"{store}: a store made with another config or manifest already exists; "
+                    "pass --overwrite to replace it"
+                )
+        elif state.exists() and not overwrite:
+            if json.loads(state.read_text()).get("identity") != identity:
+                raise StoreError(
+                    f"{store}: holds an interrupted extraction with another config or manifest; "
+                    "pass --overwrite to start over"
+                )
+        elif not overwrite:
             raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
-    manifest, plans, tasks, metas = prepare(config)
     resources = _task_resources(config, client) if client is not None else None
-    if store.exists():
-        for sub in ("shards", "catalog", "artifacts", "stats"):
+    resuming = state.exists() and not overwrite
+    if store.exists() and not resuming:
+        for sub in ("shards", "catalog", "artifacts", "stats", STATE_DIR):
             shutil.rmtree(store / sub, ignore_errors=True)
         (store / STORE_FILE).unlink(missing_ok=True)
-    store.mkdir(parents=True, exist_ok=True)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"identity": identity}))
     tasks, fit_errors = fit_groups(store, manifest, tasks, metas, client, resources)
+    finished = {}
+    if resuming:
+        for leftover in (store / "shards").glob("*/.*.tmp-*"):  # a killed task's unfinished shard
+            leftover.unlink(missing_ok=True)
+        for plan in plans:
+            part = _load_part(store, plan, tasks)
+            if part is not None:
+                finished[plan.name] = part
+        if progress:
+            print(f"resuming: {len(finished)} of {len(plans)} shards already done", file=sys.stderr)
+    results = list(finished.values())
+    plans_todo = [p for p in plans if p.name not in finished]
 
-    bar = tqdm(total=len(plans), desc="extract", unit="shard", disable=not progress)
-    results = []
+    bar = tqdm(total=len(plans), initial=len(finished), desc="extract", unit="shard", disable=not progress)
     if client is None:
         try:
-            for plan in plans:
+            for plan in plans_todo:
                 results.append(extract_shard(plan, tasks, str(store.resolve())))
                 bar.update(1)
         finally:
@@ -460,7 +569,7 @@ def run_extract(
                 key=f"extract-{plan.name}-{run_id}",
                 resources=resources,
             )
-            for plan in plans
+            for plan in plans_todo
         ]
         for fut in as_completed(futures):
             results.append(fut.result())
@@ -501,9 +610,17 @@ def run_extract(
             },
             "groups": metas,
             "config": to_dict(config),
+            "identity": identity,
             "errors": len(errors),
         },
     )
+    shutil.rmtree(store / STATE_DIR, ignore_errors=True)  # complete: store.json now says so
     return ExtractSummary(
-        str(store), len(manifest), len(plans), len(errors), time.perf_counter() - t0, errors
+        str(store),
+        len(manifest),
+        len(plans),
+        len(errors),
+        time.perf_counter() - t0,
+        errors,
+        resumed_shards=len(finished),
     )

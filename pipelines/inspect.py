@@ -167,7 +167,8 @@ def format_inspect(info: dict) -> str:
     shown = ", ".join(classes[:12]) + (f", ... ({len(classes) - 12} more)" if len(classes) > 12 else "")
     out = [
         f"store     {info['path']}",
-        f"format    modalstore {info['format_version']}, created {info['created']}",
+        f"format    modalstore {info['format_version']}"
+        + (f", created {info['created']}" if info["created"] else ""),
         f"manifest  {manifest['path']} ({manifest['rows']} rows, sha256 {manifest['sha256']})",
         f"classes   {len(classes)}: {shown}",
         f"samples   {info['samples']} in {human_bytes(info['bytes'])} of shards",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +73,6 @@ def write_store_manifest(store: str | Path, body: dict) -> None:
     meta = {
         "format": "modalstore",
         "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **body,
     }
     path = Path(store) / STORE_FILE

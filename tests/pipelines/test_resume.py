@@ -1,0 +1,102 @@
+"""Interrupted extraction resumes where it stopped and ends byte-identical to an uninterrupted run."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from store_fixtures import TINY_GROUPS, write_extract_config
+
+import pipelines.extract as extract_mod
+from pipelines.extract import STATE_DIR, load_extract_config, run_extract
+
+GROUPS = {"audio": TINY_GROUPS["audio"], "video": TINY_GROUPS["video"]}
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def reference(demo_dir, tmp_path):
+    """Config, store path and the bytes of an uninterrupted run at that same path."""
+    store = tmp_path / "store"
+    cfg = load_extract_config(
+        write_extract_config(
+            tmp_path / "c.yaml", demo_dir / "manifest.csv", store, GROUPS, samples_per_shard=4
+        )
+    )
+    run_extract(cfg, progress=False)
+    files = snapshot(store)
+    shutil.rmtree(store)
+    return cfg, store, files
+
+
+def test_failure_mid_run_then_resume_is_byte_identical(reference, monkeypatch):
+    cfg, store, files = reference
+    real = extract_mod.extract_shard
+    calls = []
+
+    def flaky(plan, tasks, root):
+        calls.append(plan.name)
+        if len(calls) == 4:
+            raise RuntimeError("worker lost")
+        return real(plan, tasks, root)
+
+    monkeypatch.setattr(extract_mod, "extract_shard", flaky)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_extract(cfg, progress=False)
+    assert not (store / "store.json").exists() and (store / STATE_DIR / "run.json").exists()
+    calls.clear()
+    monkeypatch.setattr(extract_mod, "extract_shard", lambda *a: (calls.append(a[0].name), real(*a))[1])
+    summary = run_extract(cfg, progress=False)
+    assert summary.resumed_shards == 3 and len(calls) == summary.shards - 3  # only the missing shards ran
+    assert snapshot(store) == files
+    assert run_extract(cfg, progress=False).up_to_date
+
+
+def test_resume_refuses_another_config(reference, monkeypatch):
+    cfg, store, _ = reference
+    monkeypatch.setattr(extract_mod, "extract_shard", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        run_extract(cfg, progress=False)
+    monkeypatch.undo()
+    other = load_extract_config(cfg_path := store.parent / "c.yaml", ["groups.audio.params.n_mfcc=13"])
+    assert cfg_path.exists()
+    from features.errors import StoreError
+
+    with pytest.raises(StoreError, match="interrupted extraction with another config"):
+        run_extract(other, progress=False)
+    assert run_extract(other, overwrite=True, progress=False).resumed_shards == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(2))
+def test_sigkill_at_a_random_shard_then_resume_is_byte_identical(reference, trial):
+    cfg, store, files = reference
+    n_shards = sum(1 for f in files if f.startswith("shards/audio/"))
+    stop_after = random.Random(trial).randint(1, n_shards - 2)
+    cfg_path = store.parent / "c.yaml"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modalstore", "extract", str(cfg_path), "--serial", "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    parts = store / STATE_DIR / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if parts.exists() and len(list(parts.glob("*.json"))) >= stop_after:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (store / "store.json").exists(), "the run finished before it could be killed"
+    summary = run_extract(cfg, progress=False)
+    assert summary.resumed_shards >= stop_after
+    assert snapshot(store) == files
