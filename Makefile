@@ -74,6 +74,7 @@ bench: $(STORE)/store.json
 	$(BIN)/python -m pip install --quiet -e '.[text,dev,bench]'
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/fsdd_mfcc.py
+	$(BIN)/python benchmarks/store_catalog.py
 	$(BIN)/python benchmarks/gpu_loader.py --store $(STORE)
 
 lint: $(STAMP)

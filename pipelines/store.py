@@ -26,6 +26,9 @@ from features.errors import StoreError
 from features.spec import FieldSpec
 
 STORE_FILE = "store.json"
+# Small row groups (rows are in shard order) let a point lookup by key or shard decode one
+# row group instead of ~1M rows: `get` on a 1M-sample catalog (BENCHMARKS.md).
+CATALOG_ROW_GROUP = 65536
 FORMAT_VERSION = 1
 
 _SCHEMAS = {
@@ -62,9 +65,7 @@ def write_catalog(store: str | Path, results: list[dict], extra_errors: list[dic
         else:
             table = pa.table({})
         tmp = cat / f".{name}.parquet.tmp"
-        # Small row groups (rows are in shard order) let a point lookup by key or shard decode
-        # one row group instead of ~1M rows: `get` on a 1M-sample catalog.
-        pq.write_table(table, tmp, row_group_size=65536)
+        pq.write_table(table, tmp, row_group_size=CATALOG_ROW_GROUP)
         os.replace(tmp, cat / f"{name}.parquet")
 
 
