@@ -137,6 +137,26 @@ class Store:
     def shard_path(self, group: str, shard: str) -> Path:
         return self.root / self.meta["groups"][group]["dir"] / f"{shard}.tar"
 
+    def select(self, filter=None, split: str | None = None) -> list[str]:
+        """Shards holding the samples that match, in store order, without rewriting data.
+
+        ``filter`` is a pyarrow expression over ``catalog/samples.parquet`` columns, e.g.
+        ``pc.field("label").isin([3, 5])`` or ``pc.field("has_audio")``; hand the result to
+        ``StreamingLoader(..., shards=...)``.
+        """
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        expr = None if split is None else pc.field("split") == split
+        if filter is not None:
+            expr = filter if expr is None else expr & filter
+        table = pq.read_table(self.root / "catalog" / "samples.parquet", columns=["shard"], filters=expr)
+        wanted = set(pc.unique(table.column("shard")).to_pylist())
+        order = [
+            sh for sp in ("train", "val", "test") for sh in self.meta["splits"].get(sp, {}).get("shards", [])
+        ]
+        return [sh for sh in order if sh in wanted]
+
     def table(self, name: str):
         """A catalog table (``samples``, ``shards``, ``errors``, ``members``) as a pyarrow Table."""
         import pyarrow.parquet as pq

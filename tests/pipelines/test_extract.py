@@ -294,3 +294,18 @@ def test_gpu_resource_routes_tasks_to_gpu_workers(demo_dir, tmp_path, dask_clust
     with pytest.raises(ConfigError, match=r"worker resource TPU=1, but no worker of the cluster offers it"):
         run_extract(cfg2, client=client, progress=False)
     assert not (tmp_path / "s2").exists()  # refused before any work
+
+
+def test_select_turns_a_catalog_query_into_shard_lists(tiny_store):
+    import pyarrow.compute as pc
+
+    store = open_store(tiny_store)
+    rows = store.table("samples").to_pylist()
+    label = rows[0]["label"]
+    want = []
+    for r in rows:  # independent: shards of the matching rows, in catalog order
+        if r["split"] == "train" and r["label"] == label and r["shard"] not in want:
+            want.append(r["shard"])
+    assert store.select(pc.field("label") == label, split="train") == want
+    assert store.select(split="test") == store.shards("test")
+    assert store.select(pc.field("label") == 999) == []
