@@ -43,7 +43,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from pipelines.cluster import connect, local_client
     from pipelines.extract import load_extract_config, prepare, run_extract
 
-    config = load_extract_config(args.config, args.set)
+    overrides = list(args.set or [])
+    if args.max_errors is not None:
+        overrides.append(f"max_errors={args.max_errors}")
+    config = load_extract_config(args.config, overrides)
     if args.dry_run:
         manifest, plans, tasks, group_meta = prepare(config)
         print(f"manifest {manifest.path}: {len(manifest)} samples, modalities {manifest.modalities}")
@@ -219,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at the same path")
     p.add_argument(
         "--dry-run", action="store_true", help="validate config and manifest, print the plan, stop"
+    )
+    p.add_argument(
+        "--max-errors",
+        type=float,
+        default=None,
+        metavar="N",
+        help="abort when more than N samples fail (N < 1: a fraction of all samples); finished shards are kept",
     )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. samples_per_shard=64"

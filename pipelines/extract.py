@@ -54,6 +54,7 @@ class ExtractConfig:
     groups: dict[str, GroupConfig]
     samples_per_shard: int = 256
     missing_media: str = "error"
+    max_errors: float | None = None  # abort past this many per-sample errors (a count, or a fraction < 1)
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -66,6 +67,16 @@ class ExtractConfig:
             raise ConfigError(f"samples_per_shard: must be >= 1, got {self.samples_per_shard}")
         if self.missing_media not in MISSING_MEDIA_POLICIES:
             raise ConfigError(f"missing_media: {self.missing_media!r} is not one of {MISSING_MEDIA_POLICIES}")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ConfigError(
+                f"max_errors: must be >= 0 (a count, or a fraction below 1), got {self.max_errors}"
+            )
+
+    def error_budget(self, n_samples: int) -> float:
+        """How many per-sample errors a run may record before it aborts."""
+        if self.max_errors is None:
+            return float("inf")
+        return self.max_errors * n_samples if 0 < self.max_errors < 1 else self.max_errors
 
 
 def load_extract_config(path: str | Path, overrides: list[str] | None = None) -> ExtractConfig:
@@ -491,6 +502,19 @@ def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:
     return wanted
 
 
+def _check_error_budget(config: ExtractConfig, store: Path, manifest: Manifest, fit_errors, results) -> None:
+    n = len(fit_errors) + sum(len(r["errors"]) for r in results)
+    budget = config.error_budget(len(manifest))
+    if n > budget:
+        last = next((r["errors"][-1] for r in reversed(results) if r["errors"]), None)
+        example = f"; last: {last['key']} [{last['group']}/{last['stage']}] {last['message']}" if last else ""
+        raise ExtractionError(
+            f"{store}: {n} per-sample errors exceed max_errors={config.max_errors:g}{example}. "
+            f"The {len(results)} finished shard(s) are kept: fix the inputs and re-run with --overwrite, "
+            "or raise max_errors and re-run to resume"
+        )
+
+
 def run_extract(
     config: ExtractConfig, client=None, overwrite: bool = False, progress: bool = True
 ) -> ExtractSummary:
@@ -554,6 +578,7 @@ def run_extract(
             for plan in plans_todo:
                 results.append(extract_shard(plan, tasks, str(store.resolve())))
                 bar.update(1)
+                _check_error_budget(config, store, manifest, fit_errors, results)
         finally:
             _restore_threads()
     else:
@@ -571,9 +596,14 @@ def run_extract(
             )
             for plan in plans_todo
         ]
-        for fut in as_completed(futures):
-            results.append(fut.result())
-            bar.update(1)
+        try:
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update(1)
+                _check_error_budget(config, store, manifest, fit_errors, results)
+        except BaseException:
+            client.cancel(futures)
+            raise
     bar.close()
     order = {p.name: i for i, p in enumerate(plans)}
     results.sort(key=lambda r: order[r["shard"]])

@@ -100,3 +100,37 @@ def test_sigkill_at_a_random_shard_then_resume_is_byte_identical(reference, tria
     summary = run_extract(cfg, progress=False)
     assert summary.resumed_shards >= stop_after
     assert snapshot(store) == files
+
+
+def test_max_errors_aborts_keeps_finished_shards_and_resumes(demo_dir, tmp_path, capsys):
+    from modalstore import main
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    lines = (data / "manifest.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    bad = [lines[i].split(",") for i in (10, 11, 12)]  # train rows in the 3rd shard (4 per shard)
+    for row in bad:
+        (data / row[header.index("audio")]).write_text("not audio")
+    cfg = write_extract_config(
+        tmp_path / "c.yaml",
+        data / "manifest.csv",
+        tmp_path / "s",
+        {"audio": TINY_GROUPS["audio"]},
+        samples_per_shard=4,
+        missing_media="record",
+    )
+    assert main(["extract", str(cfg), "--serial", "--quiet", "--max-errors", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "3 per-sample errors exceed max_errors=2" in err and "finished shard(s) are kept" in err
+    assert not (tmp_path / "s" / "store.json").exists()
+    parts = sorted(p.name for p in (tmp_path / "s" / STATE_DIR / "parts").glob("*.json"))
+    assert parts == ["train-000000.json", "train-000001.json", "train-000002.json"]  # nothing after the abort
+    # a fraction: 3 errors of 48 samples is 6 %, under 10 %: the run resumes and completes
+    assert main(["extract", str(cfg), "--serial", "--quiet", "--max-errors", "0.1"]) == 0
+    summary = load_extract_config(cfg)
+    assert summary.max_errors is None  # the CLI flag overrides, the file is unchanged
+    import pyarrow.parquet as pq
+
+    errors = pq.read_table(tmp_path / "s" / "catalog" / "errors.parquet").to_pylist()
+    assert sorted(e["key"] for e in errors) == sorted(row[0] for row in bad)
