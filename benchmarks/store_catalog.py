@@ -46,8 +46,11 @@ def build(root: Path, n: int) -> str:
     path = root / "shards" / "audio" / f"{shard_names[probe][0]}.tar"
     with ShardWriter(path) as w:
         for k, lab in zip(keys[probe], idx[probe] % 16, strict=True):  # noqa: B905
-            w.add_sample(str(k), {"key": str(k), "label": int(lab), "split": str(splits[probe][0]), "present": True},
-                         {"mfcc": rng.standard_normal((100, 40)).astype(np.float32)})
+            w.add_sample(
+                str(k),
+                {"key": str(k), "label": int(lab), "split": str(splits[probe][0]), "present": True},
+                {"mfcc": rng.standard_normal((100, 40)).astype(np.float32)},
+            )
         size, digest = w.close()
         real = w.members
     offsets = np.tile(np.array([512, 2048]), n)
@@ -61,15 +64,41 @@ def build(root: Path, n: int) -> str:
     cat = root / "catalog"
     cat.mkdir(parents=True)
     tables = {
-        "samples": pa.table({"key": keys, "split": splits, "label": idx % 16, "shard": shard_names,
-                             "index": idx % PER_SHARD, "has_audio": np.ones(n, bool)}),
-        "shards": pa.table({"group": ["audio"] * n_shards, "shard": shard_names[first],
-                            "split": splits[first], "samples": np.bincount(shard_of),
-                            "bytes": np.full(n_shards, size), "sha256": [digest] * n_shards}),
-        "members": pa.table({"group": np.full(2 * n, "audio"), "shard": np.repeat(shard_names, 2),
-                             "member": member_names.astype(str), "offset": offsets, "size": sizes}),
-        "errors": pa.table({c: pa.array([], pa.string()) for c in
-                            ("key", "group", "shard", "stage", "error_type", "message")}),
+        "samples": pa.table(
+            {
+                "key": keys,
+                "split": splits,
+                "label": idx % 16,
+                "shard": shard_names,
+                "index": idx % PER_SHARD,
+                "has_audio": np.ones(n, bool),
+            }
+        ),
+        "shards": pa.table(
+            {
+                "group": ["audio"] * n_shards,
+                "shard": shard_names[first],
+                "split": splits[first],
+                "samples": np.bincount(shard_of),
+                "bytes": np.full(n_shards, size),
+                "sha256": [digest] * n_shards,
+            }
+        ),
+        "members": pa.table(
+            {
+                "group": np.full(2 * n, "audio"),
+                "shard": np.repeat(shard_names, 2),
+                "member": member_names.astype(str),
+                "offset": offsets,
+                "size": sizes,
+            }
+        ),
+        "errors": pa.table(
+            {
+                c: pa.array([], pa.string())
+                for c in ("key", "group", "shard", "stage", "error_type", "message")
+            }
+        ),
     }
     for name, table in tables.items():
         pq.write_table(table, cat / f"{name}.parquet", row_group_size=CATALOG_ROW_GROUP)
@@ -79,14 +108,28 @@ def build(root: Path, n: int) -> str:
         names = [str(x) for x in shard_names[first][mask]]
         counts = [int(c) for c in np.bincount(shard_of)[mask]]
         split_meta[s] = {"samples": sum(counts), "shards": names, "shard_samples": counts}
-    (root / "store.json").write_text(json.dumps({
-        "format": "modalstore", "format_version": 1, "classes": [str(c) for c in range(16)],
-        "manifest": {"path": "synthetic", "sha256": "0" * 64, "rows": n}, "splits": split_meta,
-        "groups": {"audio": {"extractor": "mfcc", "version": 1, "modality": "audio", "params": {},
-                             "fields": {"mfcc": {"dtype": "float32", "shape": [None, 40], "description": ""}},
-                             "dir": "shards/audio"}},
-        "errors": 0,
-    }))
+    (root / "store.json").write_text(
+        json.dumps(
+            {
+                "format": "modalstore",
+                "format_version": 1,
+                "classes": [str(c) for c in range(16)],
+                "manifest": {"path": "synthetic", "sha256": "0" * 64, "rows": n},
+                "splits": split_meta,
+                "groups": {
+                    "audio": {
+                        "extractor": "mfcc",
+                        "version": 1,
+                        "modality": "audio",
+                        "params": {},
+                        "fields": {"mfcc": {"dtype": "float32", "shape": [None, 40], "description": ""}},
+                        "dir": "shards/audio",
+                    }
+                },
+                "errors": 0,
+            }
+        )
+    )
     return str(keys[probe][len(rows_of_probe) // 3])
 
 
@@ -100,8 +143,11 @@ def timed(fn, repeat=5) -> float:
 
 
 def selection(root: Path) -> list[str]:
-    t = pq.read_table(root / "catalog" / "samples.parquet", columns=["shard"],
-                      filters=[("split", "=", "train"), ("label", "=", 3)])
+    t = pq.read_table(
+        root / "catalog" / "samples.parquet",
+        columns=["shard"],
+        filters=[("split", "=", "train"), ("label", "=", 3)],
+    )
     return pc.unique(t.column("shard")).to_pylist()
 
 
@@ -116,8 +162,15 @@ def main() -> int:
             key = build(root, n)
             got = get_sample(root, key)
             assert got["groups"]["audio"]["fields"]["mfcc"].shape == (100, 40)
-            rows.append((n, timed(lambda r=root: inspect_store(r), 3), timed(lambda r=root: selection(r)),
-                         timed(lambda r=root, k=key: get_sample(r, k), 7), len(selection(root))))
+            rows.append(
+                (
+                    n,
+                    timed(lambda r=root: inspect_store(r), 3),
+                    timed(lambda r=root: selection(r)),
+                    timed(lambda r=root, k=key: get_sample(r, k), 7),
+                    len(selection(root)),
+                )
+            )
     lines = [
         f"Store catalog, synthetic, 256 samples/shard, 2 members/sample ({time.strftime('%Y-%m-%d')}); medians:",
         "",
