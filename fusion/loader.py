@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import split_by_node, split_by_worker
 
-from features.errors import ShardFormatError
+from features.errors import ShardFormatError, StoreError
 from features.spec import FieldSpec
 from fusion.shard_reader import (
     CatalogMismatchWarning,  # noqa: F401  (raised through the loader; importable from here)
@@ -295,6 +295,7 @@ class StreamingLoader:
         buffer_size: int = 512,
         normalize: bool = False,
         fast: bool = True,
+        shards: list[str] | None = None,
     ) -> None:
         self.store = open_store(store)
         self.split = split
@@ -311,8 +312,18 @@ class StreamingLoader:
             for f, spec in self.store.field_specs(g).items():
                 self.field_specs[f"{g}.{f}"] = spec
                 self.field_groups[f"{g}.{f}"] = g
-        shards = self.store.shards(split)
-        self._shard_sizes = dict(zip(shards, self.store.meta["splits"][split]["shard_samples"], strict=True))
+        all_shards = self.store.shards(split)
+        self._shard_sizes = dict(
+            zip(all_shards, self.store.meta["splits"][split]["shard_samples"], strict=True)
+        )
+        if shards is None:
+            shards = all_shards
+        else:  # a selection, e.g. from Store.select(...): read those shards only, no data rewritten
+            foreign = [sh for sh in shards if sh not in self._shard_sizes]
+            if foreign:
+                raise StoreError(f"{self.store.root}: shard(s) {foreign} are not in split {split!r}")
+            chosen = set(shards)
+            shards = [sh for sh in all_shards if sh in chosen]
         paths = {g: {s: str(self.store.shard_path(g, s)) for s in shards} for g in self.groups}
         self.dataset = ShardStream(
             str(self.store.root),
@@ -341,7 +352,7 @@ class StreamingLoader:
 
     @property
     def num_samples(self) -> int:
-        return self.store.num_samples(self.split)
+        return sum(self._shard_sizes[sh] for sh in self.dataset.shards)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch

@@ -458,3 +458,20 @@ def test_member_missing_from_the_catalog_is_still_refused(tiny_store, tmp_path):
             ShardFormatError, match=rf"member '{key}.extra.pkl': extension 'extra.pkl' is not allowed"
         ):
             list(loader)
+
+
+def test_loader_reads_a_catalog_selection_only(tiny_store):
+    import pyarrow.compute as pc
+
+    from features.errors import StoreError
+
+    store = open_store(tiny_store)
+    rows = store.table("samples").to_pylist()
+    label = next(r["label"] for r in rows if r["split"] == "train")
+    shards = store.select(pc.field("label") == label, split="train")
+    want = Counter(r["key"] for r in rows if r["shard"] in shards)  # every sample of those shards
+    loader = StreamingLoader(tiny_store, "train", batch_size=4, shards=shards)
+    assert Counter(keys_of(loader)) == want and loader.num_samples == sum(want.values())
+    assert any(r["label"] == label for r in rows if r["key"] in want)
+    with pytest.raises(StoreError, match=r"shard\(s\) \['test-000000'\] are not in split 'train'"):
+        StreamingLoader(tiny_store, "train", shards=["test-000000"])
