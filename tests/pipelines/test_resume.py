@@ -75,7 +75,7 @@ def test_resume_refuses_another_config(reference, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", range(10))
 def test_sigkill_at_a_random_shard_then_resume_is_byte_identical(reference, trial):
     cfg, store, files = reference
     n_shards = sum(1 for f in files if f.startswith("shards/audio/"))
