@@ -21,28 +21,11 @@ from torchmetrics.functional.classification import (
 
 from features.errors import ModalstoreError, StoreError
 from features.spec import FieldSpec
+from fusion.loader import StreamingLoader, resolve_device, to_device
 from fusion.models import create_model
 
 # (split, groups, shuffle) -> an iterable of batches with field_specs, field_groups, num_classes.
 LoaderFactory = Callable[[str, list[str], bool], Any]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def move_to(obj: Any, device: torch.device | str) -> Any:
-    """Tensors in nested dicts/lists moved to ``device`` (a no-op for tensors already there)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(move_to(v, device) for v in obj)
-    return obj
 
 
 def open_loader(
@@ -56,9 +39,7 @@ def open_loader(
     num_workers: int,
     device: torch.device,
 ):
-    """The real streaming loader over ``store`` (imported lazily: tests inject fakes)."""
-    from fusion.loader import StreamingLoader
-
+    """The real streaming loader over ``store`` (tests inject fakes through ``loader_factory``)."""
     return StreamingLoader(
         store,
         split=split,
@@ -78,7 +59,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device) -> dict[str, A
     model.eval()
     keys, labels, preds = [], [], []
     for batch in loader:
-        batch = move_to(batch, device)
+        batch = to_device(batch, device)
         logits = model(batch)["logits"]  # (batch, classes)
         keys.extend(batch.get("keys") or [""] * logits.shape[0])
         labels.append(batch["label"].cpu())

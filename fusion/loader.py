@@ -25,6 +25,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,16 +250,22 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
-def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=non_blocking)
-        elif isinstance(v, dict):
-            out[k] = {n: t.to(device, non_blocking=non_blocking) for n, t in v.items()}
-        else:
-            out[k] = v
-    return out
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Tensors in nested dicts/lists/tuples moved to ``device``; everything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    return obj
 
 
 def _record_stream(batch: dict, stream) -> None:
@@ -301,11 +308,7 @@ class StreamingLoader:
         self.split = split
         self.groups = self.store.check_groups(groups)
         self.batch_size, self.shuffle, self.seed, self.num_workers = batch_size, shuffle, seed, num_workers
-        self.device = torch.device(
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        self.device = resolve_device(device)
         self.field_specs: dict[str, FieldSpec] = {}
         self.field_groups: dict[str, str] = {}
         for g in self.groups:

@@ -23,7 +23,8 @@ import yaml
 from tqdm import tqdm
 
 from features.errors import ConfigError, StoreError
-from fusion.evaluate import LoaderFactory, move_to, open_loader, predict, resolve_device
+from fusion.evaluate import LoaderFactory, open_loader, predict
+from fusion.loader import resolve_device, to_device
 from fusion.models import create_model, list_models, model_options
 from pipelines.config import from_dict, load_config, to_dict
 
@@ -185,7 +186,7 @@ def train_one(
                 disable=None if progress else True,  # None: off when not a TTY
             )
             for batch in bar:
-                batch = move_to(batch, device)
+                batch = to_device(batch, device)
                 logits = model(batch)["logits"]  # (batch, classes)
                 loss = F.cross_entropy(logits, batch["label"])
                 optimizer.zero_grad(set_to_none=True)
@@ -228,8 +229,8 @@ def train_one(
     # -- checkpoint: plain types and tensors only, so torch.load(weights_only=True) reads it
     checkpoint = {
         "format_version": 1,
-        "model": move_to(best["model"], "cpu"),
-        "optimizer": move_to(best["optimizer"], "cpu"),
+        "model": to_device(best["model"], "cpu"),
+        "optimizer": to_device(best["optimizer"], "cpu"),
         "epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
         "config": to_dict(config),

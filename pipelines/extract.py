@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import sys
@@ -28,7 +27,7 @@ from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
-from pipelines.shards import ShardPlan, ShardWriter, plan_shards
+from pipelines.shards import ShardPlan, ShardWriter, plan_shards, write_atomic
 from pipelines.stats import field_moments, finalize, merge_moments, save_stats
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
 
@@ -185,8 +184,7 @@ def _error_row(sample, group: str, shard: str, stage: str, exc: BaseException) -
     }
 
 
-def _check_outputs(ex, out: dict[str, np.ndarray]) -> None:
-    spec = ex.output_spec()
+def _check_outputs(ex, spec: dict, out: dict[str, np.ndarray]) -> None:
     if set(out) != set(spec):
         raise ModalstoreError(
             f"extractor {ex.name!r} returned fields {sorted(out)}, spec says {sorted(spec)}"
@@ -228,12 +226,9 @@ def _part_path(store: Path, shard: str) -> Path:
 
 def _save_part(store: Path, result: dict) -> None:
     """Record a finished shard (its catalog rows) so an interrupted run can resume after it."""
-    path = _part_path(store, result["shard"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     body = {k: v for k, v in result.items() if k != "seconds"}
-    tmp.write_text(json.dumps(_to_jsonable(body)))  # key order is column order in the catalog
-    os.replace(tmp, path)
+    # key order is column order in the catalog: keep it
+    write_atomic(_part_path(store, result["shard"]), json.dumps(_to_jsonable(body)).encode())
 
 
 def _load_part(store: Path, plan: ShardPlan, tasks: tuple[GroupTask, ...]) -> dict | None:
@@ -272,14 +267,16 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
     moments: dict[str, dict] = {}  # group -> field -> moments, train split only
     for g in groups:
         ex = _extractor(g)
+        spec = ex.output_spec()
         request = ex.decode_request()
+        request_key = json.dumps(request, sort_keys=True)
         outputs: list[dict | None] = [None] * n
         todo, medias = [], []
         for i, sample in enumerate(plan.samples):
             source = sample.media.get(g.modality)
             if source is None:
                 continue  # modality absent in the manifest: placeholder, not an error
-            ck = (g.modality, source, json.dumps(request, sort_keys=True))
+            ck = (g.modality, source, request_key)
             try:
                 if ck not in decoded_cache:
                     decoded_cache[ck] = decode(g.modality, source, request)
@@ -304,14 +301,13 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
                 if out is None:
                     continue
                 try:
-                    _check_outputs(ex, out)
+                    _check_outputs(ex, spec, out)
                 except Exception as exc:  # noqa: BLE001
                     errors.append(_error_row(plan.samples[i], g.name, plan.name, "extract", exc))
                     continue
                 outputs[i] = out
                 present[g.name][i] = True
         if plan.split == "train":
-            spec = ex.output_spec()
             moments[g.name] = {
                 f: field_moments([o[f] for o in outputs if o is not None], spec[f].variable) for f in spec
             }
@@ -449,8 +445,7 @@ def fit_groups(
     train = tuple(s for s in manifest.samples if s.split == "train")
     out, errors = [], []
     for task in tasks:
-        ex = create_extractor(task.extractor, task.params)
-        if not ex.fit_required:
+        if not get_extractor(task.extractor).fit_required:
             out.append(task)
             continue
         if client is None:
@@ -461,10 +456,7 @@ def fit_groups(
         digest = hashlib.sha256(result["npz"]).hexdigest()
         rel = f"artifacts/{task.name}-{digest[:16]}.npz"
         path = store / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(result["npz"])
-        os.replace(tmp, path)
+        write_atomic(path, result["npz"])
         task = dataclasses.replace(task, artifact=str(path.resolve()))
         fitted = _extractor(task)
         metas[task.name] = group_meta(
@@ -556,8 +548,7 @@ def run_extract(
         for sub in ("shards", "catalog", "artifacts", "stats", STATE_DIR):
             shutil.rmtree(store / sub, ignore_errors=True)
         (store / STORE_FILE).unlink(missing_ok=True)
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"identity": identity}))
+    write_atomic(state, json.dumps({"identity": identity}).encode())
     tasks, fit_errors = fit_groups(store, manifest, tasks, metas, client, resources)
     finished = {}
     if resuming:

@@ -9,9 +9,12 @@ stable and gives the same result in any shard order up to rounding.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from pipelines.shards import write_atomic
 
 
 def field_moments(arrays: list[np.ndarray], variable: bool) -> dict[str, np.ndarray] | None:
@@ -64,12 +67,9 @@ def finalize(moments: dict) -> dict[str, np.ndarray]:
 def save_stats(path: str | Path, stats: dict[str, dict[str, np.ndarray]]) -> None:
     """Write ``{field: {mean, std, min, max, count}}`` as one .npz (keys ``field.stat``)."""
     arrays = {f"{field}.{k}": v for field, s in stats.items() for k, v in s.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
 
 
 def load_stats(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

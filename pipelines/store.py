@@ -24,6 +24,7 @@ from pathlib import Path
 
 from features.errors import StoreError
 from features.spec import FieldSpec
+from pipelines.shards import write_atomic
 
 STORE_FILE = "store.json"
 # Small row groups (rows are in shard order) let a point lookup by key or shard decode one
@@ -76,10 +77,7 @@ def write_store_manifest(store: str | Path, body: dict) -> None:
         "format_version": FORMAT_VERSION,
         **body,
     }
-    path = Path(store) / STORE_FILE
-    tmp = path.with_name(f".{STORE_FILE}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    write_atomic(Path(store) / STORE_FILE, json.dumps(meta, indent=2, sort_keys=False, default=str).encode())
 
 
 @dataclass

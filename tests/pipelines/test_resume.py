@@ -65,8 +65,7 @@ def test_resume_refuses_another_config(reference, monkeypatch):
     with pytest.raises(RuntimeError):
         run_extract(cfg, progress=False)
     monkeypatch.undo()
-    other = load_extract_config(cfg_path := store.parent / "c.yaml", ["groups.audio.params.n_mfcc=13"])
-    assert cfg_path.exists()
+    other = load_extract_config(store.parent / "c.yaml", ["groups.audio.params.n_mfcc=13"])
     from features.errors import StoreError
 
     with pytest.raises(StoreError, match="interrupted extraction with another config"):
@@ -128,8 +127,6 @@ def test_max_errors_aborts_keeps_finished_shards_and_resumes(demo_dir, tmp_path,
     assert parts == ["train-000000.json", "train-000001.json", "train-000002.json"]  # nothing after the abort
     # a fraction: 3 errors of 48 samples is 6 %, under 10 %: the run resumes and completes
     assert main(["extract", str(cfg), "--serial", "--quiet", "--max-errors", "0.1"]) == 0
-    summary = load_extract_config(cfg)
-    assert summary.max_errors is None  # the CLI flag overrides, the file is unchanged
     import pyarrow.parquet as pq
 
     errors = pq.read_table(tmp_path / "s" / "catalog" / "errors.parquet").to_pylist()
