@@ -40,7 +40,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from pipelines.cluster import connect, local_client
+    from pipelines.cluster import connect, local_client, shutdown
     from pipelines.extract import load_extract_config, prepare, run_extract
 
     overrides = list(args.set or [])
@@ -67,10 +67,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         summary = run_extract(config, client=client, overwrite=args.overwrite, progress=not args.quiet)
     finally:
         if client is not None:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None and not args.scheduler:
-                cluster.close()
+            shutdown(client)
     print(summary)
     for row in summary.error_rows[:10]:
         print(f"  error: {row['key']} [{row['group']}/{row['stage']}] {row['error_type']}: {row['message']}")

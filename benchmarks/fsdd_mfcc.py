@@ -78,7 +78,7 @@ def main() -> int:
     except ImportError:
         print("skipped: lhotse is not installed (pip install 'modalstore[bench]')")
         return 0
-    from pipelines.cluster import local_client
+    from pipelines.cluster import local_client, shutdown
 
     n = len(list(FSDD.glob("*.wav")))
     client = local_client(2)
@@ -93,9 +93,7 @@ def main() -> int:
                 theirs.append(run_lhotse(tmp / f"lhotse{i}"))
                 ours.append(run_modalstore(manifest, tmp / f"ms{i}", client))
     finally:
-        cluster = client.cluster
-        client.close()
-        cluster.close()
+        shutdown(client)
     a, b = statistics.median(ours), statistics.median(theirs)
     lines = [
         f"FSDD MFCC-40 @16 kHz, {n} files, 2 worker processes, end to end with store writing "

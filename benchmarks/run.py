@@ -55,7 +55,7 @@ def _warm_worker() -> None:
 def pipeline_mfcc(workers: int | None) -> float:
     import yaml
 
-    from pipelines.cluster import local_client
+    from pipelines.cluster import local_client, shutdown
     from pipelines.extract import load_extract_config, run_extract
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +80,7 @@ def pipeline_mfcc(workers: int | None) -> float:
             return time.perf_counter() - t0
         finally:
             if client is not None:
-                cluster = client.cluster
-                client.close()
-                cluster.close()
+                shutdown(client)
 
 
 # ---- loading: plain webdataset vs StreamingLoader vs raw reads, on the demo store's train split ----
@@ -312,7 +310,7 @@ def bare_demo_loop(samples, groups: dict, chunk: int) -> float:
 def pipeline_demo(manifest: Path, groups: dict, chunk: int, workers: int) -> float:
     import yaml
 
-    from pipelines.cluster import local_client
+    from pipelines.cluster import local_client, shutdown
     from pipelines.extract import load_extract_config, run_extract
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,9 +333,7 @@ def pipeline_demo(manifest: Path, groups: dict, chunk: int, workers: int) -> flo
             run_extract(config, client=client, progress=False)
             return time.perf_counter() - t0
         finally:
-            cluster = client.cluster
-            client.close()
-            cluster.close()
+            shutdown(client)
 
 
 def demo_overhead(n: int = 768, chunk: int = 32) -> list[str]:

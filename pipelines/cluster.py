@@ -40,3 +40,11 @@ def connect(scheduler: str):
     from distributed import Client
 
     return Client(scheduler)
+
+
+def shutdown(client) -> None:
+    """Close ``client`` and the LocalCluster it started, if any (an external cluster stays up)."""
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()

@@ -143,16 +143,14 @@ def test_group_needing_absent_modality_is_rejected(tmp_path):
 
 @pytest.mark.slow
 def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp_path):
-    from pipelines.cluster import local_client
+    from pipelines.cluster import local_client, shutdown
 
     cfg = write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "store")
     client = local_client(2)
     try:
         run_extract(load_extract_config(cfg), client=client, progress=False)
     finally:
-        cluster = client.cluster
-        client.close()
-        cluster.close()
+        shutdown(client)
     serial = {
         (r["group"], r["shard"]): r["sha256"]
         for r in pq.read_table(tiny_store / "catalog/shards.parquet").to_pylist()
