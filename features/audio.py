@@ -108,6 +108,15 @@ def _frames(S: np.ndarray) -> np.ndarray:
 # --- mfcc ----------------------------------------------------------------------------------
 
 
+class AudioExtractor(Extractor):
+    """Base of the audio extractors: mono audio decoded and resampled to ``config.sample_rate``."""
+
+    modality = "audio"
+
+    def decode_request(self) -> dict:
+        return {"sample_rate": self.config.sample_rate}
+
+
 @dataclass(frozen=True)
 class MfccConfig:
     """Parameters of ``librosa.feature.mfcc``; ``fmax=None`` means ``sample_rate / 2``."""
@@ -150,15 +159,11 @@ def deltas(mfcc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_extractor
-class Mfcc(Extractor):
+class Mfcc(AudioExtractor):
     name = "mfcc"
     version = 1
-    modality = "audio"
     description = "MFCC frames from librosa.feature.mfcc, optionally with deltas and delta-deltas."
     Config = MfccConfig
-
-    def decode_request(self) -> dict:
-        return {"sample_rate": self.config.sample_rate}
 
     def output_spec(self) -> dict[str, FieldSpec]:
         cols = self.config.n_mfcc * (3 if self.config.deltas else 1)
@@ -217,15 +222,11 @@ class MelspecConfig:
 
 
 @register_extractor
-class Melspec(Extractor):
+class Melspec(AudioExtractor):
     name = "melspec"
     version = 1
-    modality = "audio"
     description = "Mel spectrogram frames from librosa.feature.melspectrogram, in dB by default."
     Config = MelspecConfig
-
-    def decode_request(self) -> dict:
-        return {"sample_rate": self.config.sample_rate}
 
     def output_spec(self) -> dict[str, FieldSpec]:
         unit = "dB" if self.config.log else ("power" if self.config.power == 2.0 else "magnitude")
@@ -301,15 +302,11 @@ def _check_window(window: Any, length: int) -> None:
 
 
 @register_extractor
-class Stft(Extractor):
+class Stft(AudioExtractor):
     name = "stft"
     version = 1
-    modality = "audio"
     description = "STFT magnitude frames from librosa.stft, in dB by default."
     Config = StftConfig
-
-    def decode_request(self) -> dict:
-        return {"sample_rate": self.config.sample_rate}
 
     def output_spec(self) -> dict[str, FieldSpec]:
         bins = self.config.n_fft // 2 + 1
@@ -375,15 +372,11 @@ class CqtConfig:
 
 
 @register_extractor
-class Cqt(Extractor):
+class Cqt(AudioExtractor):
     name = "cqt"
     version = 1
-    modality = "audio"
     description = "Constant-Q transform magnitude frames from librosa.cqt, in dB by default."
     Config = CqtConfig
-
-    def decode_request(self) -> dict:
-        return {"sample_rate": self.config.sample_rate}
 
     def output_spec(self) -> dict[str, FieldSpec]:
         unit = "dB" if self.config.log else "magnitude"

@@ -180,7 +180,6 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        root: str,
         shards: list[str],
         paths: dict[str, dict[str, str]],
         specs,
@@ -191,7 +190,7 @@ class ShardStream(IterableDataset):
         buffer_size: int,
         members: dict[tuple[str, str], ShardMembers] | None = None,
     ) -> None:
-        self.root, self.shards, self.paths, self.members = root, shards, paths, members
+        self.shards, self.paths, self.members = shards, paths, members
         self.specs, self.field_groups = specs, field_groups
         self.batch_size, self.shuffle, self.seed, self.buffer_size = batch_size, shuffle, seed, buffer_size
         self.epoch = 0
@@ -329,7 +328,6 @@ class StreamingLoader:
             shards = [sh for sh in all_shards if sh in chosen]
         paths = {g: {s: str(self.store.shard_path(g, s)) for s in shards} for g in self.groups}
         self.dataset = ShardStream(
-            str(self.store.root),
             shards,
             paths,
             self.field_specs,

@@ -87,7 +87,8 @@ def _read_table(path: Path) -> dict[str, list]:
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
-def _fingerprint(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (manifest fingerprints, shard hashes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -178,4 +179,4 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
                     raise ManifestError(f"{path}: row {row}, column {c!r}: file not readable: {resolved}")
             media[c] = resolved
         samples.append(Sample(key=key, label=ids[i], split=split, row=row, media=media))
-    return Manifest(path=str(path), samples=samples, classes=classes, fingerprint=_fingerprint(path))
+    return Manifest(path=str(path), samples=samples, classes=classes, fingerprint=sha256_file(path))

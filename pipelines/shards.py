@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.manifest import SPLITS, Sample
+from pipelines.manifest import SPLITS, Sample, sha256_file  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,3 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
