@@ -27,6 +27,7 @@ from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
+from pipelines.resume import STATE_DIR, load_part, save_part
 from pipelines.shards import ShardPlan, ShardWriter, plan_shards, write_atomic
 from pipelines.stats import field_moments, finalize, merge_moments, save_stats
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
@@ -195,61 +196,6 @@ def _check_outputs(ex, spec: dict, out: dict[str, np.ndarray]) -> None:
             raise ModalstoreError(f"extractor {ex.name!r}, field {name!r}: output contains NaN or Inf")
 
 
-STATE_DIR = ".extract"  # run identity and finished shards' catalog rows, while a run is incomplete
-
-
-def _to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
-    if isinstance(obj, dict):
-        return {k: _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _from_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if "__ndarray__" in obj:
-            return np.array(obj["__ndarray__"], dtype=obj["dtype"]).reshape(obj["shape"])
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_jsonable(v) for v in obj]
-    return obj
-
-
-def _part_path(store: Path, shard: str) -> Path:
-    return store / STATE_DIR / "parts" / f"{shard}.json"
-
-
-def _save_part(store: Path, result: dict) -> None:
-    """Record a finished shard (its catalog rows) so an interrupted run can resume after it."""
-    body = {k: v for k, v in result.items() if k != "seconds"}
-    # key order is column order in the catalog: keep it
-    write_atomic(_part_path(store, result["shard"]), json.dumps(_to_jsonable(body)).encode())
-
-
-def _load_part(store: Path, plan: ShardPlan, tasks: tuple[GroupTask, ...]) -> dict | None:
-    """A finished shard's result, if its part and every group's tar are present and intact."""
-    path = _part_path(store, plan.name)
-    if not path.exists():
-        return None
-    try:
-        result = _from_jsonable(json.loads(path.read_text()))
-    except ValueError:
-        return None
-    files = {f["group"]: f for f in result["files"]}
-    for task in tasks:
-        f = files.get(task.name)
-        tar = store / "shards" / task.name / f"{plan.name}.tar"
-        if f is None or not tar.exists() or tar.stat().st_size != f["bytes"]:
-            return None
-    result["seconds"] = 0.0
-    return result
-
-
 def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) -> dict:
     """Compute every group for the samples of one shard and write one tar per group.
 
@@ -358,7 +304,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
         "moments": moments,
         "seconds": time.perf_counter() - t0,
     }
-    _save_part(Path(store), result)
+    save_part(Path(store), result)
     return result
 
 
@@ -555,7 +501,7 @@ def run_extract(
         for leftover in (store / "shards").glob("*/.*.tmp-*"):  # a killed task's unfinished shard
             leftover.unlink(missing_ok=True)
         for plan in plans:
-            part = _load_part(store, plan, tasks)
+            part = load_part(store, plan, tasks)
             if part is not None:
                 finished[plan.name] = part
         if progress:
