@@ -17,6 +17,7 @@ typical flow:
   modalstore demo-data data/demo --samples 1600 --seed 0
   modalstore extract configs/extract_demo.yaml
   modalstore inspect stores/demo && modalstore verify stores/demo
+  modalstore gc stores/demo            # list group versions no config uses; --yes deletes
   modalstore train configs/train_demo.yaml
   modalstore evaluate runs/demo
   modalstore report runs/demo
@@ -56,7 +57,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 fields = "(fields known after fitting on the train split)"
             else:
                 fields = ", ".join(f"{k} {v['dtype']}{tuple(v['shape'])}" for k, v in meta["fields"].items())
-            print(f"  group {name}: {meta['extractor']} v{meta['version']} -> {fields}")
+            print(f"  group {name}: {meta['extractor']} v{meta['extractor_version']} -> {fields}")
         return 0
     client = None
     try:
@@ -170,6 +171,30 @@ def _cmd_get(args: argparse.Namespace) -> int:
             f"saved {len(saved)} array(s) to {args.out}: {', '.join(saved)}",
             file=sys.stderr if args.json else sys.stdout,
         )
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipelines.gc import plan_gc, run_gc
+    from pipelines.inspect import human_bytes
+
+    plan = plan_gc(args.store, args.config or [])
+    kept = ", ".join(f"{g} {' '.join(vs)}" for g, vs in sorted(plan.keep.items()))
+    print(f"keeping versions: {kept}")
+    if plan.empty:
+        print(f"{plan.store}: nothing to remove")
+        return 0
+    verb = "removing" if args.yes else "would remove"
+    for g, v in plan.versions:
+        print(f"{verb} version {g} {v}")
+    root = Path(plan.store)
+    for path in plan.paths:
+        print(f"  {path.relative_to(root)}{'/' if path.is_dir() else ''}")
+    print(f"{verb} {len(plan.paths)} path(s), {human_bytes(plan.bytes)} freed")
+    if not args.yes:
+        print("nothing deleted (dry run); run again with --yes to delete")
+        return 0
+    run_gc(plan)
     return 0
 
 
@@ -302,6 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="print everything as JSON, arrays as nested lists with dtype and shape",
     )
     p.add_argument("--out", metavar="FILE.npz", help="also save the arrays to FILE.npz as 'group.field'")
+
+    p = add(
+        "gc",
+        "list, then remove, group versions no config refers to (dry run unless --yes)",
+        _cmd_gc,
+        "Every extract keeps each group's output under a version (a content hash of extractor, "
+        "parameters, fitted artifact and manifest); changed configs leave older versions beside the "
+        "active ones. gc keeps the active version of every group and those the --config files would "
+        "produce, and lists everything else: other versions' shards and records, unused fitted "
+        "artifacts, temporary files of interrupted writes. Nothing is deleted without --yes.",
+    )
+    p.add_argument("store", help="store folder (the one holding store.json)")
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="CFG",
+        help="also keep the versions this extraction config produces (repeat for several)",
+    )
+    p.add_argument("--yes", action="store_true", help="delete what is listed (default: only list it)")
     return parser
 
 

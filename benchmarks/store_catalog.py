@@ -119,11 +119,12 @@ def build(root: Path, n: int) -> str:
                 "groups": {
                     "audio": {
                         "extractor": "mfcc",
-                        "version": 1,
+                        "extractor_version": 1,
+                        "version": "0123456789abcdef",
                         "modality": "audio",
                         "params": {},
                         "fields": {"mfcc": {"dtype": "float32", "shape": [None, 40], "description": ""}},
-                        "dir": "shards/audio",
+                        "dir": "shards/audio/0123456789abcdef",
                     }
                 },
                 "errors": 0,

@@ -27,10 +27,24 @@ from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
-from pipelines.resume import STATE_DIR, load_part, save_part
 from pipelines.shards import ShardPlan, ShardWriter, plan_shards, write_atomic
 from pipelines.stats import field_moments, finalize, merge_moments, save_stats
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
+from pipelines.versions import (
+    VERSIONS_DIR,
+    config_hash,
+    find_fitted,
+    fit_key,
+    group_version,
+    load_part,
+    read_group_meta,
+    remove_leftovers,
+    reuse_shard,
+    rows_hash,
+    save_part,
+    shard_dir,
+    write_group_meta,
+)
 
 _GROUP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 MISSING_MEDIA_POLICIES = ("error", "record")
@@ -92,6 +106,8 @@ class GroupTask:
     params: dict[str, Any]
     modality: str
     artifact: str | None = None  # fitted state (.npz) of a fit-then-transform extractor
+    version: str = ""  # content hash naming the group's output (pipelines/versions.py)
+    config_hash: str = ""  # the version without the manifest: shards with the same rows are reused
 
 
 # One extractor instance per process and configuration: models load once per worker.
@@ -197,25 +213,25 @@ def _check_outputs(ex, spec: dict, out: dict[str, np.ndarray]) -> None:
 
 
 def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) -> dict:
-    """Compute every group for the samples of one shard and write one tar per group.
+    """Compute the given groups for the samples of one shard and write one tar per group.
 
     Per-sample failures become error rows and a placeholder (``present: false``), so
-    every group's shard holds the same keys in the same order.
+    every group's shard holds the same keys in the same order. Each group's tar goes to
+    ``shards/<group>/<version>/`` and its catalog rows to that version's part, written
+    after the tar is in place: returns ``{"shard", "parts": {group: part}, "seconds"}``.
     """
     _pin_threads()
     t0 = time.perf_counter()
     n = len(plan.samples)
-    present = {g.name: [False] * n for g in groups}
-    errors: list[dict] = []
-    files: list[dict] = []
-    members: list[dict] = []
+    rows = rows_hash(plan)
+    parts: dict[str, dict] = {}
     decoded_cache: dict[tuple, Any] = {}
-    moments: dict[str, dict] = {}  # group -> field -> moments, train split only
     for g in groups:
         ex = _extractor(g)
         spec = ex.output_spec()
         request = ex.decode_request()
         request_key = json.dumps(request, sort_keys=True)
+        errors: list[dict] = []
         outputs: list[dict | None] = [None] * n
         todo, medias = [], []
         for i, sample in enumerate(plan.samples):
@@ -252,12 +268,12 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
                     errors.append(_error_row(plan.samples[i], g.name, plan.name, "extract", exc))
                     continue
                 outputs[i] = out
-                present[g.name][i] = True
+        moments = {}  # train split only: the statistics the loader normalises with
         if plan.split == "train":
-            moments[g.name] = {
+            moments = {
                 f: field_moments([o[f] for o in outputs if o is not None], spec[f].variable) for f in spec
             }
-        path = Path(store) / "shards" / g.name / f"{plan.name}.tar"
+        path = shard_dir(Path(store), g.name, g.version) / f"{plan.name}.tar"
         with ShardWriter(path) as writer:
             for i, sample in enumerate(plan.samples):
                 meta = {
@@ -268,44 +284,30 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
                 }
                 writer.add_sample(sample.key, meta, outputs[i] or {})
             size, digest = writer.close()
-        files.append(
-            {
+        part = {
+            "group": g.name,
+            "version": g.version,
+            "shard": plan.name,
+            "rows": rows,
+            "present": [o is not None for o in outputs],
+            "errors": errors,
+            "file": {
                 "group": g.name,
+                "version": g.version,
                 "shard": plan.name,
                 "split": plan.split,
                 "samples": n,
                 "bytes": size,
                 "sha256": digest,
-            }
-        )
-        members.extend(
-            {"group": g.name, "shard": plan.name, "member": m.name, "offset": m.offset, "size": m.size}
-            for m in writer.members
-        )
+            },
+            "members": [[m.name, m.offset, m.size] for m in writer.members],
+            "moments": moments,
+        }
+        save_part(Path(store), part)
+        parts[g.name] = part
         if not _later_uses(groups, g):  # free decoded media no later group needs
             decoded_cache = {k: v for k, v in decoded_cache.items() if k[0] != g.modality}
-    rows = [
-        {
-            "key": s.key,
-            "split": s.split,
-            "label": s.label,
-            "shard": plan.name,
-            "index": i,
-            **{f"has_{g.name}": present[g.name][i] for g in groups},
-        }
-        for i, s in enumerate(plan.samples)
-    ]
-    result = {
-        "shard": plan.name,
-        "samples": rows,
-        "errors": errors,
-        "files": files,
-        "members": members,
-        "moments": moments,
-        "seconds": time.perf_counter() - t0,
-    }
-    save_part(Path(store), result)
-    return result
+    return {"shard": plan.name, "parts": parts, "seconds": time.perf_counter() - t0}
 
 
 def _later_uses(groups: tuple[GroupTask, ...], g: GroupTask) -> bool:
@@ -322,49 +324,78 @@ class ExtractSummary:
     seconds: float
     error_rows: list[dict]
     up_to_date: bool = False
-    resumed_shards: int = 0
+    resumed_shards: int = 0  # shards every group of which was finished before this run
+    computed: dict[str, int] = field(default_factory=dict)  # group -> shards computed in this run
+    reused: dict[str, int] = field(default_factory=dict)  # group -> shards linked from another version
 
     def __str__(self) -> str:
         if self.up_to_date:
             return (
                 f"{self.store} is up to date ({self.samples} samples in {self.shards} shards); nothing to do"
             )
-        return (
+        text = (
             f"wrote {self.samples} samples in {self.shards} shards to {self.store} "
             f"in {self.seconds:.1f} s; {self.errors} per-sample error(s)"
         )
+        work = [
+            f"{g}: {self.computed.get(g, 0)} computed, {self.reused.get(g, 0)} reused"
+            for g in sorted(set(self.computed) | set(self.reused))
+        ]
+        return text + ("\n  shards per group: " + "; ".join(work) if work else "")
 
 
 def group_meta(task: GroupTask, ex, artifact: dict | None = None) -> dict:
     """The ``store.json`` entry of one group (fields of a fitted extractor need its artifact)."""
     meta = {
         "extractor": task.extractor,
-        "version": type(ex).version,
+        "extractor_version": type(ex).version,
+        "version": task.version,
         "modality": task.modality,
         "params": task.params,
         "fields": None
         if ex.fit_required and artifact is None
         else {k: v.to_dict() for k, v in ex.output_spec().items()},
-        "dir": f"shards/{task.name}",
+        "dir": f"shards/{task.name}/{task.version}" if task.version else None,
     }
     if artifact is not None:
         meta["artifact"] = artifact
     return meta
 
 
-def run_identity(config: ExtractConfig, manifest: Manifest, tasks: tuple[GroupTask, ...]) -> str:
-    """What a store's content is a function of: the manifest's bytes and every group's config."""
+def run_identity(plans: list[ShardPlan], tasks: tuple[GroupTask, ...]) -> str:
+    """What a finished store is a function of: every group's version and the shard layout."""
     body = {
-        "manifest": manifest.fingerprint,
-        "samples_per_shard": config.samples_per_shard,
-        "missing_media": config.missing_media,
-        "groups": {t.name: [t.extractor, get_extractor(t.extractor).version, t.params] for t in tasks},
+        "groups": {t.name: t.version for t in tasks},
+        "layout": [[p.name, rows_hash(p)] for p in plans],
     }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[GroupTask, ...], dict]:
-    """Validate everything before any work starts: manifest, groups, parameters."""
+def previous_layout(store: Path, samples_per_shard: int) -> dict[str, tuple[str, int]] | None:
+    """The finished store's sample -> (shard, index) layout, when it used the same shard size."""
+    if not (store / STORE_FILE).exists():
+        return None
+    try:
+        meta = json.loads((store / STORE_FILE).read_text())
+        if meta.get("config", {}).get("samples_per_shard") != samples_per_shard:
+            return None
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(store / "catalog" / "samples.parquet", columns=["key", "shard", "index"])
+    except (OSError, ValueError, KeyError):
+        return None  # an unreadable old store: plan afresh (the shards are recomputed, not trusted)
+    cols = table.to_pydict()
+    return {k: (sh, i) for k, sh, i in zip(cols["key"], cols["shard"], cols["index"], strict=True)}
+
+
+def prepare(
+    config: ExtractConfig, incremental: bool = True
+) -> tuple[Manifest, list[ShardPlan], tuple[GroupTask, ...], dict]:
+    """Validate everything before any work starts: manifest, groups, parameters; plan shards.
+
+    With ``incremental``, samples already in the store keep their shards (appended rows go
+    to new shards).
+    """
     manifest = read_manifest(config.manifest, check_files=config.missing_media == "error")
     tasks, metas = [], {}
     for name, gc in config.groups.items():
@@ -377,38 +408,74 @@ def prepare(config: ExtractConfig) -> tuple[Manifest, list[ShardPlan], tuple[Gro
         task = GroupTask(name=name, extractor=gc.extractor, params=ex.params(), modality=ex.modality)
         tasks.append(task)
         metas[name] = group_meta(task, ex)
-    plans = plan_shards(manifest.samples, config.samples_per_shard)
+    previous = previous_layout(Path(config.store), config.samples_per_shard) if incremental else None
+    plans = plan_shards(manifest.samples, config.samples_per_shard, previous)
     return manifest, plans, tuple(tasks), metas
+
+
+def version_tasks(
+    config: ExtractConfig, manifest: Manifest, tasks: tuple[GroupTask, ...]
+) -> tuple[GroupTask, ...]:
+    """Give every task its config hash and version (fitted tasks need their artifact first)."""
+    out = []
+    for task in tasks:
+        art_sha = None
+        if task.artifact is not None:
+            art_sha = hashlib.sha256(Path(task.artifact).read_bytes()).hexdigest()
+        cfg = config_hash(
+            task.extractor,
+            get_extractor(task.extractor).version,
+            task.params,
+            art_sha,
+            config.samples_per_shard,
+            config.missing_media,
+        )
+        out.append(
+            dataclasses.replace(task, config_hash=cfg, version=group_version(cfg, manifest.fingerprint))
+        )
+    return tuple(out)
 
 
 def fit_groups(
     store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], metas: dict, client=None, resources=None
-) -> tuple:
+) -> tuple[tuple[GroupTask, ...], dict[str, list[dict]]]:
     """Fit every fit-then-transform group on the TRAIN split only; save artifacts in the store.
 
-    Returns the tasks (with artifact paths) and the error rows of media left out of a fit.
+    A group fitted before with the same extractor, parameters and train rows reuses that
+    artifact instead of fitting again. Returns the tasks (with artifact paths) and, per
+    group, the error rows of media left out of its fit.
     """
     train = tuple(s for s in manifest.samples if s.split == "train")
-    out, errors = [], []
+    out, errors = [], {}
     for task in tasks:
-        if not get_extractor(task.extractor).fit_required:
+        cls = get_extractor(task.extractor)
+        if not cls.fit_required:
             out.append(task)
             continue
-        if client is None:
-            result = fit_group(task, train)
+        key = fit_key(task.extractor, cls.version, task.params, train)
+        fitted = find_fitted(store, task.name, key)
+        if fitted is not None:
+            artifact = fitted["artifact"]
+            errors[task.name] = list(fitted.get("fit_errors", []))
         else:
-            key = f"fit-{task.name}-{uuid.uuid4().hex[:8]}"
-            result = client.submit(fit_group, task, train, key=key, resources=resources).result()
-        digest = hashlib.sha256(result["npz"]).hexdigest()
-        rel = f"artifacts/{task.name}-{digest[:16]}.npz"
-        path = store / rel
-        write_atomic(path, result["npz"])
-        task = dataclasses.replace(task, artifact=str(path.resolve()))
-        fitted = _extractor(task)
-        metas[task.name] = group_meta(
-            task, fitted, {"path": rel, "sha256": digest, "fitted_on": result["fitted_on"], "split": "train"}
-        )
-        errors.extend(result["errors"])
+            if client is None:
+                result = fit_group(task, train)
+            else:
+                dkey = f"fit-{task.name}-{uuid.uuid4().hex[:8]}"
+                result = client.submit(fit_group, task, train, key=dkey, resources=resources).result()
+            digest = hashlib.sha256(result["npz"]).hexdigest()
+            rel = f"artifacts/{task.name}-{digest[:16]}.npz"
+            write_atomic(store / rel, result["npz"])
+            artifact = {
+                "path": rel,
+                "sha256": digest,
+                "fitted_on": result["fitted_on"],
+                "split": "train",
+                "fit_key": key,
+            }
+            errors[task.name] = result["errors"]
+        task = dataclasses.replace(task, artifact=str((store / artifact["path"]).resolve()))
+        metas[task.name] = group_meta(task, _extractor(task), artifact)
         out.append(task)
     return tuple(out), errors
 
@@ -440,82 +507,114 @@ def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:
     return wanted
 
 
-def _check_error_budget(config: ExtractConfig, store: Path, manifest: Manifest, fit_errors, results) -> None:
-    n = len(fit_errors) + sum(len(r["errors"]) for r in results)
+def _check_error_budget(config: ExtractConfig, store: Path, manifest: Manifest, errors: list[dict]) -> None:
     budget = config.error_budget(len(manifest))
-    if n > budget:
-        last = next((r["errors"][-1] for r in reversed(results) if r["errors"]), None)
-        example = f"; last: {last['key']} [{last['group']}/{last['stage']}] {last['message']}" if last else ""
+    if len(errors) > budget:
+        last = errors[-1]
         raise ExtractionError(
-            f"{store}: {n} per-sample errors exceed max_errors={config.max_errors:g}{example}. "
-            f"The {len(results)} finished shard(s) are kept: fix the inputs and re-run with --overwrite, "
+            f"{store}: {len(errors)} per-sample errors exceed max_errors={config.max_errors:g}; "
+            f"last: {last['key']} [{last['group']}/{last['stage']}] {last['message']}. "
+            "The finished shards are kept: fix the inputs and re-run (only the rest is computed), "
             "or raise max_errors and re-run to resume"
         )
+
+
+def _check_store_path(store: Path) -> None:
+    if store.exists() and any(store.iterdir()):
+        known = (STORE_FILE, VERSIONS_DIR, "shards")
+        if not any((store / name).exists() for name in known):
+            raise StoreError(
+                f"{store}: exists, is not empty and is not a modalstore store; choose another path"
+            )
+
+
+def _wipe(store: Path) -> None:
+    for sub in ("shards", "catalog", "artifacts", "stats", VERSIONS_DIR, ".extract"):
+        shutil.rmtree(store / sub, ignore_errors=True)
+    (store / STORE_FILE).unlink(missing_ok=True)
 
 
 def run_extract(
     config: ExtractConfig, client=None, overwrite: bool = False, progress: bool = True
 ) -> ExtractSummary:
-    """Extract every group of ``config`` into a store, on ``client`` (Dask) or serially."""
+    """Bring the store at ``config.store`` up to date with ``config``, on ``client`` (Dask) or serially.
+
+    Only what is missing is computed: a shard of a group version that is finished (an
+    earlier or interrupted run) is kept, and one whose rows and group config are unchanged
+    since another version is linked from it. ``overwrite`` empties the store first.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     store = Path(config.store)
-    manifest, plans, tasks, metas = prepare(config)
-    identity = run_identity(config, manifest, tasks)
-    state = store / STATE_DIR / "run.json"
-    if store.exists() and any(store.iterdir()):
-        if not (store / STORE_FILE).exists() and not state.exists() and not (store / "shards").exists():
-            raise StoreError(
-                f"{store}: exists, is not empty and is not a modalstore store; choose another path"
-            )
-        if (store / STORE_FILE).exists():
-            done = json.loads((store / STORE_FILE).read_text()).get("identity")
-            if done == identity and not overwrite:
-                return ExtractSummary(
-                    str(store), len(manifest), len(plans), 0, time.perf_counter() - t0, [], up_to_date=True
-                )
-            if not overwrite:
-                raise StoreError(
-                    f"{store}: a store made with another config or manifest already exists; "
-                    "pass --overwrite to replace it"
-                )
-        elif state.exists() and not overwrite:
-            if json.loads(state.read_text()).get("identity") != identity:
-                raise StoreError(
-                    f"{store}: holds an interrupted extraction with another config or manifest; "
-                    "pass --overwrite to start over"
-                )
-        elif not overwrite:
-            raise StoreError(f"{store}: store already exists; pass --overwrite to replace it")
+    _check_store_path(store)
+    manifest, plans, tasks, metas = prepare(config, incremental=not overwrite)
+    if overwrite:
+        _wipe(store)
     resources = _task_resources(config, client) if client is not None else None
-    resuming = state.exists() and not overwrite
-    if store.exists() and not resuming:
-        for sub in ("shards", "catalog", "artifacts", "stats", STATE_DIR):
-            shutil.rmtree(store / sub, ignore_errors=True)
-        (store / STORE_FILE).unlink(missing_ok=True)
-    write_atomic(state, json.dumps({"identity": identity}).encode())
     tasks, fit_errors = fit_groups(store, manifest, tasks, metas, client, resources)
-    finished = {}
-    if resuming:
-        for leftover in (store / "shards").glob("*/.*.tmp-*"):  # a killed task's unfinished shard
-            leftover.unlink(missing_ok=True)
-        for plan in plans:
-            part = load_part(store, plan, tasks)
-            if part is not None:
-                finished[plan.name] = part
-        if progress:
-            print(f"resuming: {len(finished)} of {len(plans)} shards already done", file=sys.stderr)
-    results = list(finished.values())
-    plans_todo = [p for p in plans if p.name not in finished]
+    tasks = version_tasks(config, manifest, tasks)
+    for task in tasks:
+        metas[task.name] = {
+            **metas[task.name],
+            "version": task.version,
+            "dir": f"shards/{task.name}/{task.version}",
+        }
+    identity = run_identity(plans, tasks)
+    if (store / STORE_FILE).exists() and json.loads((store / STORE_FILE).read_text()).get(
+        "identity"
+    ) == identity:
+        return ExtractSummary(
+            str(store), len(manifest), len(plans), 0, time.perf_counter() - t0, [], up_to_date=True
+        )
+    for task in tasks:
+        if read_group_meta(store, task.name, task.version) is None:
+            body = {
+                **metas[task.name],
+                "config_hash": task.config_hash,
+                "manifest": manifest.fingerprint,
+                "fit_errors": fit_errors.get(task.name, []),
+            }
+            write_group_meta(store, task.name, task.version, body)
+    remove_leftovers(store)  # a killed task's unfinished shard
 
-    bar = tqdm(total=len(plans), initial=len(finished), desc="extract", unit="shard", disable=not progress)
+    parts: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}  # group -> shard -> part
+    reused = {t.name: 0 for t in tasks}
+    todo: list[tuple[ShardPlan, tuple[GroupTask, ...]]] = []
+    for plan in plans:
+        missing = []
+        for task in tasks:
+            part = load_part(store, task.name, task.version, plan)
+            if part is None:
+                part = reuse_shard(store, task.name, task.version, task.config_hash, plan)
+                reused[task.name] += part is not None
+            if part is None:
+                missing.append(task)
+            else:
+                parts[task.name][plan.name] = part
+        if missing:
+            todo.append((plan, tuple(missing)))
+    resumed = sum(1 for p in plans if all(p.name in parts[t.name] for t in tasks))
+    if progress and todo and resumed:
+        print(f"{len(plans) - len(todo)} of {len(plans)} shards already done", file=sys.stderr)
+    errors = [e for rows in fit_errors.values() for e in rows]
+    errors += [e for by_shard in parts.values() for part in by_shard.values() for e in part["errors"]]
+
+    def collect(result: dict) -> None:
+        for name, part in result["parts"].items():
+            parts[name][result["shard"]] = part
+            errors.extend(part["errors"])
+        bar.update(1)
+        _check_error_budget(config, store, manifest, errors)
+
+    bar = tqdm(
+        total=len(plans), initial=len(plans) - len(todo), desc="extract", unit="shard", disable=not progress
+    )
+    root = str(store.resolve())
     if client is None:
         try:
-            for plan in plans_todo:
-                results.append(extract_shard(plan, tasks, str(store.resolve())))
-                bar.update(1)
-                _check_error_budget(config, store, manifest, fit_errors, results)
+            for plan, groups in todo:
+                collect(extract_shard(plan, groups, root))
         finally:
             _restore_threads()
     else:
@@ -524,40 +623,52 @@ def run_extract(
         run_id = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
-                extract_shard,
-                plan,
-                tasks,
-                str(store.resolve()),
-                key=f"extract-{plan.name}-{run_id}",
-                resources=resources,
+                extract_shard, plan, groups, root, key=f"extract-{plan.name}-{run_id}", resources=resources
             )
-            for plan in plans_todo
+            for plan, groups in todo
         ]
         try:
             for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update(1)
-                _check_error_budget(config, store, manifest, fit_errors, results)
+                collect(fut.result())
         except BaseException:
             client.cancel(futures)
             raise
     bar.close()
-    order = {p.name: i for i, p in enumerate(plans)}
-    results.sort(key=lambda r: order[r["shard"]])
-    write_catalog(store, results, fit_errors)
-    for task in tasks:  # train-split statistics per field, for the loader's normalisation
-        fields = metas[task.name]["fields"]
-        stats = {}
-        for f in fields:
-            merged = None
-            for r in results:
-                merged = merge_moments(merged, r["moments"].get(task.name, {}).get(f))
-            if merged is not None:
-                stats[f] = finalize(merged)
-        if stats:
-            save_stats(store / "stats" / f"{task.name}.npz", stats)
-            metas[task.name]["stats"] = {"path": f"stats/{task.name}.npz", "split": "train"}
-    errors = fit_errors + [e for r in results for e in r["errors"]]
+    _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_errors, identity)
+    computed = {t.name: sum(1 for _, gs in todo if t in gs) for t in tasks}
+    all_errors = [e for rows in fit_errors.values() for e in rows] + [
+        e for plan in plans for t in tasks for e in parts[t.name][plan.name]["errors"]
+    ]
+    return ExtractSummary(
+        str(store),
+        len(manifest),
+        len(plans),
+        len(all_errors),
+        time.perf_counter() - t0,
+        all_errors,
+        resumed_shards=resumed,
+        computed=computed,
+        reused=reused,
+    )
+
+
+def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_errors, identity) -> None:
+    """Statistics per version, the catalog of the active versions, and store.json last."""
+    for task in tasks:
+        stats_rel = f"{VERSIONS_DIR}/{task.name}/{task.version}/stats.npz"
+        if not (store / stats_rel).exists():
+            stats = {}
+            for f in metas[task.name]["fields"]:
+                merged = None
+                for plan in plans:
+                    merged = merge_moments(merged, parts[task.name][plan.name]["moments"].get(f))
+                if merged is not None:
+                    stats[f] = finalize(merged)
+            if stats:
+                save_stats(store / stats_rel, stats)
+        if (store / stats_rel).exists():
+            metas[task.name]["stats"] = {"path": stats_rel, "split": "train"}
+    write_catalog(store, plans, tasks, parts, fit_errors)
     write_store_manifest(
         store,
         {
@@ -578,16 +689,7 @@ def run_extract(
             "groups": metas,
             "config": to_dict(config),
             "identity": identity,
-            "errors": len(errors),
+            "errors": sum(len(v) for v in fit_errors.values())
+            + sum(len(parts[t.name][p.name]["errors"]) for t in tasks for p in plans),
         },
-    )
-    shutil.rmtree(store / STATE_DIR, ignore_errors=True)  # complete: store.json now says so
-    return ExtractSummary(
-        str(store),
-        len(manifest),
-        len(plans),
-        len(errors),
-        time.perf_counter() - t0,
-        errors,
-        resumed_shards=len(finished),
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from features.errors import StoreError
 from pipelines.store import Store, open_store
+from pipelines.versions import list_versions, shard_dir
 
 CATALOG_TABLES = ("samples", "shards", "errors", "members")
 
@@ -86,6 +87,7 @@ def inspect_store(path: str | Path) -> dict:
         stats = gm.get("stats")
         group_info[g] = {
             "extractor": gm["extractor"],
+            "extractor_version": gm["extractor_version"],
             "version": gm["version"],
             "modality": gm.get("modality"),
             "params": gm.get("params", {}),
@@ -101,6 +103,13 @@ def inspect_store(path: str | Path) -> dict:
         }
 
     manifest = meta.get("manifest", {})
+    on_disk = list_versions(store.root)
+    inactive = [
+        {"group": g, "version": v, "bytes": _dir_bytes(shard_dir(store.root, g, v))}
+        for g, versions in on_disk.items()
+        for v in versions
+        if meta["groups"].get(g, {}).get("version") != v
+    ]
     return {
         "path": str(store.root),
         "format_version": meta.get("format_version"),
@@ -123,6 +132,7 @@ def inspect_store(path: str | Path) -> dict:
                 for r in error_rows
             ],
         },
+        "inactive_versions": inactive,
         "catalog_rows": {
             name: pq.ParquetFile(catalog_path(store, name)).metadata.num_rows for name in CATALOG_TABLES
         },
@@ -157,6 +167,10 @@ def _shape(shape) -> str:
     return (
         "(" + ", ".join("*" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
     )
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.tar")) if path.is_dir() else 0
 
 
 def format_inspect(info: dict) -> str:
@@ -194,7 +208,8 @@ def format_inspect(info: dict) -> str:
         rows.append(
             [
                 g,
-                f"{gi['extractor']} v{gi['version']}",
+                f"{gi['extractor']} v{gi['extractor_version']}",
+                gi["version"],
                 fields,
                 gi["shards"],
                 human_bytes(gi["bytes"]),
@@ -206,7 +221,18 @@ def format_inspect(info: dict) -> str:
         )
     out.append(
         format_table(
-            ["group", "extractor", "fields", "shards", "size", "present", "errors", "stats", "artifact"],
+            [
+                "group",
+                "extractor",
+                "version",
+                "fields",
+                "shards",
+                "size",
+                "present",
+                "errors",
+                "stats",
+                "artifact",
+            ],
             rows,
             "  ",
             right=("size",),
@@ -215,6 +241,10 @@ def format_inspect(info: dict) -> str:
     for g, gi in info["groups"].items():
         params = " ".join(f"{k}={v}" for k, v in gi["params"].items())
         out.append(f"  {g} params: {params or '-'}")
+    if info["inactive_versions"]:
+        out += ["", "other versions on disk (not in the catalog; `modalstore gc` lists and removes them)"]
+        rows = [[r["group"], r["version"], human_bytes(r["bytes"])] for r in info["inactive_versions"]]
+        out.append(format_table(["group", "version", "size"], rows, "  ", right=("size",)))
     out += ["", f"errors    {info['errors']['total']}"]
     if info["errors"]["by_group_stage_type"]:
         rows = [

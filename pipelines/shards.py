@@ -31,16 +31,37 @@ class ShardPlan:
     samples: tuple[Sample, ...]
 
 
-def plan_shards(samples: list[Sample], samples_per_shard: int) -> list[ShardPlan]:
-    """Assign samples to shards split by split, in manifest order."""
+def plan_shards(
+    samples: list[Sample], samples_per_shard: int, previous: dict[str, tuple[str, int]] | None = None
+) -> list[ShardPlan]:
+    """Assign samples to shards split by split, in manifest order.
+
+    ``previous`` ({key: (shard, index)}, an existing store's layout) keeps every known key in
+    its shard and order, and puts new keys in new shards numbered after the last one of
+    their split: appending manifest rows then leaves every existing shard as it was.
+    """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    previous = previous or {}
     plans = []
     for split in SPLITS:
-        rows = [s for s in samples if s.split == split]
-        for i in range(0, len(rows), samples_per_shard):
-            chunk = tuple(rows[i : i + samples_per_shard])
-            plans.append(ShardPlan(f"{split}-{i // samples_per_shard:06d}", split, chunk))
+        kept: dict[str, list[tuple[int, Sample]]] = {}
+        new = []
+        for s in (s for s in samples if s.split == split):
+            shard, index = previous.get(s.key, ("", 0))
+            if shard.startswith(f"{split}-"):
+                kept.setdefault(shard, []).append((index, s))
+            else:
+                new.append(s)
+        for shard in sorted(kept):
+            plans.append(
+                ShardPlan(shard, split, tuple(s for _, s in sorted(kept[shard], key=lambda t: t[0])))
+            )
+        numbers = [int(sh.rsplit("-", 1)[1]) for sh, _ in previous.values() if sh.startswith(f"{split}-")]
+        start = max(numbers) + 1 if numbers else 0
+        for i in range(0, len(new), samples_per_shard):
+            chunk = tuple(new[i : i + samples_per_shard])
+            plans.append(ShardPlan(f"{split}-{start + i // samples_per_shard:06d}", split, chunk))
     return plans
 
 

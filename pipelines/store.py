@@ -3,16 +3,18 @@
 Layout::
 
     STORE/
-      store.json                      groups (extractor, version, params, fields), splits, classes
+      store.json                      groups (extractor, version, params, fields, dir), splits, classes
       catalog/samples.parquet         key, split, label, shard, index, has_<group>
-      catalog/shards.parquet          group, shard, split, samples, bytes, sha256
+      catalog/shards.parquet          group, version, shard, split, samples, bytes, sha256
       catalog/errors.parquet          key, group, shard, stage, error_type, message
       catalog/members.parquet         group, shard, member, offset, size (byte offsets in the tar)
-      stats/<group>.npz               per-field mean, std, min, max, count over the train split
       artifacts/<group>-<sha>.npz     fitted state of fit-then-transform extractors (train split)
-      shards/<group>/<split>-NNNNNN.tar
+      versions/<group>/<version>/     group.json, parts/<shard>.json, stats.npz (pipelines/versions.py)
+      shards/<group>/<version>/<split>-NNNNNN.tar
 
-``store.json`` is written last: a store without it is incomplete.
+The catalog and ``store.json`` describe the active version of every group (the latest
+config's); other versions stay beside them until ``modalstore gc``. ``store.json`` is
+written last: a store without it is incomplete.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ STORE_FILE = "store.json"
 # Small row groups (rows are in shard order) let a point lookup by key or shard decode one
 # row group instead of ~1M rows: `get` on a 1M-sample catalog (BENCHMARKS.md).
 CATALOG_ROW_GROUP = 65536
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: group versions (shards/<group>/<version>/)
 
 _SCHEMAS = {
     "samples": None,  # has_<group> columns vary; inferred
@@ -45,19 +47,29 @@ _SCHEMAS = {
 }
 
 
-def write_catalog(store: str | Path, results: list[dict], extra_errors: list[dict] | tuple = ()) -> None:
-    """Write the catalog tables from shard task results (in shard order)."""
+def write_catalog(store: str | Path, plans, tasks, parts: dict, fit_errors: dict) -> None:
+    """Write the catalog tables of the active group versions (``parts``: group -> shard -> part)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cat = Path(store) / "catalog"
     cat.mkdir(parents=True, exist_ok=True)
-    tables = {
-        "samples": [row for r in results for row in r["samples"]],
-        "shards": [row for r in results for row in r["files"]],
-        "errors": [*extra_errors, *(row for r in results for row in r["errors"])],
-        "members": [row for r in results for row in r["members"]],
-    }
+    samples, files, members = [], [], []
+    errors = [e for t in tasks for e in fit_errors.get(t.name, [])]
+    for plan in plans:
+        mine = [parts[t.name][plan.name] for t in tasks]
+        for i, s in enumerate(plan.samples):
+            row = {"key": s.key, "split": s.split, "label": s.label, "shard": plan.name, "index": i}
+            row.update({f"has_{p['group']}": p["present"][i] for p in mine})
+            samples.append(row)
+        for p in mine:
+            files.append(p["file"])
+            errors.extend(p["errors"])
+            members.extend(
+                {"group": p["group"], "shard": plan.name, "member": m, "offset": o, "size": n}
+                for m, o, n in p["members"]
+            )
+    tables = {"samples": samples, "shards": files, "errors": errors, "members": members}
     for name, rows in tables.items():
         if rows:
             table = pa.Table.from_pylist(rows)

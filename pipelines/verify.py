@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipelines.inspect import read_columns
 from pipelines.store import Store, open_store
+from pipelines.versions import list_versions
 
 BLOCK = 1 << 20
 _SHOWN = 5  # keys listed in one problem's detail
@@ -400,26 +401,38 @@ def _key_diff(tar_keys: list[str], cat_keys: list[str]) -> str:
 
 
 def _unexpected_files(store: Store, known: set[tuple[str, str]]) -> list[Problem]:
-    """Entries under shards/ the catalog does not list (leftover temporary files, stray copies)."""
+    """Entries under shards/ the catalog does not list (leftover temporary files, stray copies).
+
+    Folders of other versions of a group (``versions/<group>/<version>`` exists) are not
+    problems: they are kept beside the active one until ``modalstore gc``.
+    """
     root = store.root / "shards"
     if not root.is_dir():
         return []
-    dirs = {Path(store.meta["groups"][g]["dir"]).name: g for g in store.groups}
+    active = {Path(store.meta["groups"][g]["dir"]): g for g in store.groups}
+    recorded = {(g, v) for g, versions in list_versions(store.root).items() for v in versions}
     problems = []
-    for entry in sorted(root.iterdir()):
-        group = dirs.get(entry.name) if entry.is_dir() else None
-        if group is None:
-            problems.append(
-                Problem("unexpected_file", None, None, f"{entry}: belongs to no group of store.json")
-            )
-            continue
-        for path in sorted(entry.rglob("*")):
-            if path.parent == entry and path.suffix == ".tar" and (group, path.stem) in known:
+    for group_dir in sorted(root.iterdir()):
+        entries = sorted(group_dir.iterdir()) if group_dir.is_dir() else [group_dir]
+        for entry in entries:
+            rel = entry.relative_to(store.root)
+            group = active.get(rel)
+            if group is None:
+                if entry.is_dir() and (group_dir.name, entry.name) in recorded:
+                    continue  # an inactive version
+                problems.append(
+                    Problem(
+                        "unexpected_file", None, None, f"{entry}: belongs to no group version of the store"
+                    )
+                )
                 continue
-            if path.is_dir() and path.parent != entry:
-                continue  # its folder is reported
-            hint = " (temporary file of an interrupted write)" if ".tmp" in path.name else ""
-            problems.append(
-                Problem("unexpected_file", group, None, f"{path}: not in catalog/shards.parquet{hint}")
-            )
+            for path in sorted(entry.rglob("*")):
+                if path.parent == entry and path.suffix == ".tar" and (group, path.stem) in known:
+                    continue
+                if path.is_dir() and path.parent != entry:
+                    continue  # its folder is reported
+                hint = " (temporary file of an interrupted write)" if ".tmp" in path.name else ""
+                problems.append(
+                    Problem("unexpected_file", group, None, f"{path}: not in catalog/shards.parquet{hint}")
+                )
     return problems

@@ -110,7 +110,7 @@ def test_bad_media_is_recorded_and_alignment_kept(demo_dir, tmp_path):
     assert not (tmp_path / "store2").exists()
 
 
-def test_existing_store_needs_overwrite(tiny_store, demo_dir, tmp_path):
+def test_rerun_is_a_no_op_and_overwrite_refuses_a_foreign_folder(tiny_store, demo_dir, tmp_path):
     groups = {"audio": TINY_GROUPS["audio"]}
     cfg = write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "s", groups)
     first = run_extract(load_extract_config(cfg), progress=False)
@@ -119,11 +119,8 @@ def test_existing_store_needs_overwrite(tiny_store, demo_dir, tmp_path):
     assert again.up_to_date and not first.up_to_date and "is up to date" in str(again)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*") if p.is_file()} == before
     changed = load_extract_config(cfg, ["groups.audio.params.n_mfcc=13"])
-    with pytest.raises(
-        StoreError, match="made with another config or manifest already exists; pass --overwrite"
-    ):
-        run_extract(changed, progress=False)
-    run_extract(changed, overwrite=True, progress=False)
+    run_extract(changed, overwrite=True, progress=False)  # empties the store: one version left
+    assert len(list((tmp_path / "s" / "shards" / "audio").iterdir())) == 1
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("keep me")
     cfg2 = write_extract_config(tmp_path / "c2.yaml", demo_dir / "manifest.csv", tmp_path / "other", groups)

@@ -12,7 +12,7 @@ import pytest
 from store_fixtures import TINY_GROUPS, write_extract_config
 
 import pipelines.extract as extract_mod
-from pipelines.extract import STATE_DIR, load_extract_config, run_extract
+from pipelines.extract import load_extract_config, run_extract
 
 GROUPS = {"audio": TINY_GROUPS["audio"], "video": TINY_GROUPS["video"]}
 
@@ -50,7 +50,7 @@ def test_failure_mid_run_then_resume_is_byte_identical(reference, monkeypatch):
     monkeypatch.setattr(extract_mod, "extract_shard", flaky)
     with pytest.raises(RuntimeError, match="worker lost"):
         run_extract(cfg, progress=False)
-    assert not (store / "store.json").exists() and (store / STATE_DIR / "run.json").exists()
+    assert not (store / "store.json").exists() and len(list(store.glob("versions/*/*/parts/*.json"))) == 6
     calls.clear()
     monkeypatch.setattr(extract_mod, "extract_shard", lambda *a: (calls.append(a[0].name), real(*a))[1])
     summary = run_extract(cfg, progress=False)
@@ -59,18 +59,20 @@ def test_failure_mid_run_then_resume_is_byte_identical(reference, monkeypatch):
     assert run_extract(cfg, progress=False).up_to_date
 
 
-def test_resume_refuses_another_config(reference, monkeypatch):
+def test_interrupted_run_with_another_config_stays_beside_the_new_one(reference, monkeypatch):
     cfg, store, _ = reference
     monkeypatch.setattr(extract_mod, "extract_shard", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         run_extract(cfg, progress=False)
     monkeypatch.undo()
     other = load_extract_config(store.parent / "c.yaml", ["groups.audio.params.n_mfcc=13"])
-    from features.errors import StoreError
-
-    with pytest.raises(StoreError, match="interrupted extraction with another config"):
-        run_extract(other, progress=False)
-    assert run_extract(other, overwrite=True, progress=False).resumed_shards == 0
+    summary = run_extract(other, progress=False)
+    assert summary.resumed_shards == 0 and summary.computed == {
+        "audio": summary.shards,
+        "video": summary.shards,
+    }
+    versions = {p.name for p in (store / "versions" / "audio").iterdir()}
+    assert len(versions) == 2  # the interrupted run's version stays beside the new one (gc removes it)
 
 
 @pytest.mark.slow
@@ -87,10 +89,9 @@ def test_sigkill_at_a_random_shard_then_resume_is_byte_identical(reference, tria
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    parts = store / STATE_DIR / "parts"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if parts.exists() and len(list(parts.glob("*.json"))) >= stop_after:
+        if len(list(store.glob("versions/video/*/parts/*.json"))) >= stop_after:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -121,9 +122,9 @@ def test_max_errors_aborts_keeps_finished_shards_and_resumes(demo_dir, tmp_path,
     )
     assert main(["extract", str(cfg), "--serial", "--quiet", "--max-errors", "2"]) == 2
     err = capsys.readouterr().err
-    assert "3 per-sample errors exceed max_errors=2" in err and "finished shard(s) are kept" in err
+    assert "3 per-sample errors exceed max_errors=2" in err and "finished shards are kept" in err
     assert not (tmp_path / "s" / "store.json").exists()
-    parts = sorted(p.name for p in (tmp_path / "s" / STATE_DIR / "parts").glob("*.json"))
+    parts = sorted(p.name for p in (tmp_path / "s").glob("versions/audio/*/parts/*.json"))
     assert parts == ["train-000000.json", "train-000001.json", "train-000002.json"]  # nothing after the abort
     # a fraction: 3 errors of 48 samples is 6 %, under 10 %: the run resumes and completes
     assert main(["extract", str(cfg), "--serial", "--quiet", "--max-errors", "0.1"]) == 0

@@ -105,7 +105,7 @@ def test_inspect_counts_match_catalog_and_files(store_copy):
     assert info["groups"]["video"]["present"] == sum(video)
     assert info["groups"]["audio"]["present"] == sum(audio)
     for g, gm in meta["groups"].items():
-        files = sorted((store_copy / "shards" / g).glob("*.tar"))
+        files = sorted((store_copy / gm["dir"]).glob("*.tar"))
         gi = info["groups"][g]
         assert gi["shards"] == len(files)
         assert gi["bytes"] == sum(os.path.getsize(f) for f in files)
@@ -117,7 +117,7 @@ def test_inspect_counts_match_catalog_and_files(store_copy):
         assert gi["fields"] == {
             f: {"dtype": v["dtype"], "shape": v["shape"]} for f, v in gm["fields"].items()
         }
-        assert gi["stats"] is (store_copy / "stats" / f"{g}.npz").exists()
+        assert gi["stats"] is (store_copy / gm["stats"]["path"]).exists()
     assert info["errors"]["total"] == 3
     got = {
         (r["group"], r["stage"], r["error_type"]): r["count"] for r in info["errors"]["by_group_stage_type"]
@@ -161,7 +161,7 @@ def test_verify_clean_store(tiny_store, capsys):
 
 @pytest.mark.parametrize("where", ["middle", "payload"])
 def test_verify_flipped_byte_is_hash_mismatch(store_copy, capsys, where):
-    path = store_copy / "shards" / "image" / "train-000001.tar"
+    path = open_store(store_copy).shard_path("image", "train-000001")
     data = bytearray(path.read_bytes())
     member = [
         m for m in catalog(store_copy, "members") if m["group"] == "image" and m["shard"] == "train-000001"
@@ -182,7 +182,7 @@ def test_verify_flipped_byte_is_hash_mismatch(store_copy, capsys, where):
 
 @pytest.mark.parametrize("cut", ["half", "payload", "header_boundary", "inside_header"])
 def test_verify_truncated_shard_is_reported(store_copy, cut):
-    path = store_copy / "shards" / "audio" / "val-000000.tar"
+    path = open_store(store_copy).shard_path("audio", "val-000000")
     size = path.stat().st_size
     third = [
         m for m in catalog(store_copy, "members") if m["group"] == "audio" and m["shard"] == "val-000000"
@@ -202,8 +202,10 @@ def test_verify_truncated_shard_is_reported(store_copy, cut):
 
 
 def test_verify_missing_shard_and_stray_file(store_copy):
-    (store_copy / "shards" / "video" / "train-000003.tar").unlink()
-    (store_copy / "shards" / "audio" / ".train-000000.tar.tmp-99").write_bytes(b"partial")
+    (open_store(store_copy).shard_path("video", "train-000003")).unlink()
+    open_store(store_copy).shard_path("audio", "train-000000").with_name(
+        ".train-000000.tar.tmp-99"
+    ).write_bytes(b"partial")
     report = verify_store(store_copy, progress=False)
     missing = [(p.group, p.shard) for p in report.problems if p.kind == "missing_shard"]
     assert missing == [("video", "train-000003")]
@@ -212,7 +214,7 @@ def test_verify_missing_shard_and_stray_file(store_copy):
 
 
 def test_verify_renamed_key_is_key_mismatch(store_copy, capsys):
-    path = store_copy / "shards" / "video" / "train-000002.tar"
+    path = open_store(store_copy).shard_path("video", "train-000002")
     members = tar_members(path)
     old = members[0][0].split(".", 1)[0]
     victim = [n.split(".", 1)[0] for n, _ in members][len(members) // 2]
@@ -352,7 +354,7 @@ def test_get_unknown_key_and_group(tiny_store):
 def test_get_refuses_a_pickle_member(store_copy):
     _, rows = sample_keys(store_copy)
     key = next(r["key"] for r in rows if r["split"] == "test")
-    path = store_copy / "shards" / "audio" / "test-000000.tar"
+    path = open_store(store_copy).shard_path("audio", "test-000000")
     evil = pickle.dumps({"boom": 1})
     # Appended after every sample, so the offsets of the other members do not move.
     records = rewrite_shard(path, [*tar_members(path), (f"{key}.evil.pkl", evil)])
