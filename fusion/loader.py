@@ -13,26 +13,33 @@ Two ways to read a shard give the same samples:
   match its catalog is read by tar iteration instead, with a ``CatalogMismatchWarning``.
   ``.npy`` headers are parsed once per field and shard; members with the same header but
   for the first axis become ``np.frombuffer`` views, anything else goes through ``np.load``.
-- tar iteration (``fast=False``, or no ``members.parquet``): webdataset's tar iterator and
+- tar iteration (``fast=False``, or no ``members.parquet``): ``iter_group_shard`` and
   ``decode_member``, the reference the indexed path is tested against.
 
-Node/worker splitting and the shuffle buffer are webdataset's.
+Either way a shard is checked whole when it is opened: a member of a refused type is an
+error even if its sample is never decoded, the groups' keys must agree, and the shard must
+hold as many samples as ``store.json`` records (an epoch is planned from those counts).
+
+Which samples go where is index arithmetic (``EpochOrder``, ``EpochPlan``): an epoch's
+sample order is a pure function of (shard sizes, shuffle, seed, epoch, window), each rank
+takes fixed slices of it and each DataLoader worker whole batches of its rank's, so
+samples are read by (shard, index in shard) and a resume skips to a position without
+reading what comes before it.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import split_by_node, split_by_worker
 
-from features.errors import ShardFormatError, StoreError
+from features.errors import ConfigError, ShardFormatError, StoreError
 from features.spec import FieldSpec
 from fusion.shard_reader import (
     CatalogMismatchWarning,  # noqa: F401  (raised through the loader; importable from here)
@@ -43,65 +50,132 @@ from fusion.shard_reader import (
     iter_indexed_shard,
     load_member_index,
 )
+from pipelines.lookup import decode_member
 from pipelines.store import open_store
+
+STATE_VERSION = 1  # of StreamingLoader.state_dict()
+
+
+# ---- one shard, all groups: raw members joined by key, decoded one sample at a time ---------
+
+
+def _allowed(suffix: str) -> bool:
+    return suffix in ("json", "npy") or suffix.endswith(".npy") or suffix.startswith("__")
+
+
+def _check_suffixes(shard: str, raws: dict[str, list[dict]]) -> None:
+    """Refuse a shard holding any member ``decode_member`` refuses by name, decoded or not."""
+    for r in raws.values():
+        if all(_allowed(suffix) for suffix in set().union(*r)):
+            continue
+        raw, suffix = next((raw, x) for raw in r for x in raw if not _allowed(x))  # the first one
+        decode_member(shard, f"{raw['__key__']}.{suffix}", suffix, bytes(raw[suffix]))  # raises
+
+
+def _check_join(shard: str, raws: dict[str, list[dict]], expected: int | None) -> None:
+    """Raise unless every group holds the same keys in the same order (and ``expected`` of them)."""
+    groups, lists = list(raws), list(raws.values())
+    n = min(len(r) for r in lists)
+    keys = [[raw["__key__"] for raw in r[:n]] for r in lists]
+    bad = [  # (first differing index, group, its keys) per group that differs from the first
+        (next(i for i, (a, b) in enumerate(zip(keys[0], other, strict=True)) if a != b), g, other)
+        for g, other in zip(groups[1:], keys[1:], strict=True)
+        if other != keys[0]
+    ]
+    if bad:
+        i, g, other = min(bad, key=lambda t: t[0])  # the first mismatch in shard order
+        raise ShardFormatError(
+            f"shard {shard}: key mismatch between groups: {groups[0]!r} has {keys[0][i]!r}, "
+            f"{g!r} has {other[i]!r}"
+        )
+    ended = [g for g, r in zip(groups, lists, strict=True) if len(r) == n]
+    if len(ended) != len(groups):
+        live = [g for g, r in zip(groups, lists, strict=True) if len(r) > n]
+        nxt = raws[live[0]][n]["__key__"]
+        raise ShardFormatError(f"shard {shard}: group(s) {ended} ended before {live} (next key {nxt!r})")
+    if expected is not None and n != expected:
+        raise ShardFormatError(
+            f"shard {shard}: its tar file(s) hold {n} readable samples, store.json says {expected}; "
+            "the shard is truncated or was rewritten: run modalstore verify on the store"
+        )
+
+
+class JoinedShard:
+    """One shard of every requested group, members joined by key; ``sample(i)`` decodes one.
+
+    Without ``members`` every group is read by tar iteration and decoded by ``decode_member``
+    (the reference). With ``members`` ({group: catalog entry}; groups without one are read
+    by tar iteration) shards are read through the catalog and arrays may be read-only views
+    of the mapped shard. ``expected``: the sample count the store records for the shard.
+    """
+
+    def __init__(
+        self,
+        shard: str,
+        paths: dict[str, Path],
+        members: dict[str, ShardMembers] | None = None,
+        expected: int | None = None,
+    ) -> None:
+        if members is None:
+            raws = {g: list(iter_group_shard(p)) for g, p in paths.items()}
+            self._decode = _reference_decoder(shard)
+        else:
+            raws = {
+                g: list(iter_indexed_shard(p, members[g], shard, g) if g in members else iter_group_shard(p))
+                for g, p in paths.items()
+            }
+            self._decode = MemberDecoder(shard)
+        _check_suffixes(shard, raws)
+        _check_join(shard, raws, expected)
+        self.shard, self.groups = shard, list(raws)
+        self.rows = list(zip(*raws.values(), strict=True))  # (samples,) of (groups,) raw member dicts
+        self._field_names: dict[tuple[str, str], str] = {}  # (group, suffix) -> "group.field"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample(self, i: int) -> dict:
+        """Sample ``i`` decoded: {"key", "label", "present": {group: bool}, "fields": {name: array}}."""
+        row = self.rows[i]
+        key = row[0]["__key__"]
+        present, fields = {}, {}
+        sample = {"key": key, "label": None, "present": present, "fields": fields}
+        for g, r in zip(self.groups, row, strict=True):
+            for suffix, data in r.items():
+                if suffix.startswith("__"):
+                    continue
+                value = self._decode(g, key, suffix, data)
+                if suffix == "json":
+                    sample["label"], present[g] = _sample_meta(self.shard, key, value)
+                else:
+                    name = self._field_names.get((g, suffix))
+                    if name is None:
+                        name = self._field_names[g, suffix] = f"{g}.{suffix[: -len('.npy')]}"
+                    fields[name] = value
+        missing = [g for g in self.groups if g not in present]
+        if missing:
+            raise ShardFormatError(
+                f"shard {self.shard}: sample {key!r} has no '{key}.json' member in group(s) {missing}; "
+                "run modalstore verify"
+            )
+        return sample
+
+
+def _sample_meta(shard: str, key: str, meta) -> tuple[int, bool]:
+    """(label, present) from a sample's ``.json`` member, checked: it comes from a file."""
+    label = meta.get("label") if isinstance(meta, dict) else None
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise ShardFormatError(f"shard {shard}: member '{key}.json' has no integer label: {str(meta)[:200]}")
+    return label, bool(meta.get("present", True))
 
 
 def iter_joined(
     shard: str, paths: dict[str, Path], members: dict[str, ShardMembers] | None = None
 ) -> Iterator[dict]:
-    """Join one shard across groups by key; decode; yield {"key", "label", "present", "fields"}.
-
-    Without ``members`` every group is read by tar iteration and decoded by ``decode_member``
-    (the reference). With ``members`` ({group: catalog entry}; groups without one are read
-    by tar iteration) shards are read through the catalog and arrays may be read-only views
-    of the mapped shard.
-    """
-    if members is None:
-        iters = {g: iter_group_shard(p) for g, p in paths.items()}
-        decode = _reference_decoder(shard)
-    else:
-        iters = {
-            g: iter_indexed_shard(p, members[g], shard, g) if g in members else iter_group_shard(p)
-            for g, p in paths.items()
-        }
-        decode = MemberDecoder(shard)
-    groups = list(iters)
-    its = list(iters.values())
-    field_names: dict[tuple[str, str], str] = {}  # (group, suffix) -> "group.field"
-    while True:
-        raws = [next(it, None) for it in its]
-        if None in raws:
-            ended = [g for g, r in zip(groups, raws, strict=True) if r is None]
-            if len(ended) != len(groups):
-                live = [g for g, r in zip(groups, raws, strict=True) if r is not None]
-                nxt = next(r for r in raws if r is not None)["__key__"]
-                raise ShardFormatError(
-                    f"shard {shard}: group(s) {ended} ended before {live} (next key {nxt!r})"
-                )
-            return
-        key = raws[0]["__key__"]
-        for g, r in zip(groups, raws, strict=True):
-            if r["__key__"] != key:
-                raise ShardFormatError(
-                    f"shard {shard}: key mismatch between groups: {groups[0]!r} has {key!r}, "
-                    f"{g!r} has {r['__key__']!r}"
-                )
-        present, fields = {}, {}
-        sample = {"key": key, "label": None, "present": present, "fields": fields}
-        for g, r in zip(groups, raws, strict=True):
-            for suffix, data in r.items():
-                if suffix.startswith("__"):
-                    continue
-                value = decode(g, key, suffix, data)
-                if suffix == "json":
-                    sample["label"] = int(value["label"])
-                    present[g] = bool(value.get("present", True))
-                else:
-                    name = field_names.get((g, suffix))
-                    if name is None:
-                        name = field_names[g, suffix] = f"{g}.{suffix[: -len('.npy')]}"
-                    fields[name] = value
-        yield sample
+    """Every sample of one shard in order, joined across groups and decoded (see ``JoinedShard``)."""
+    joined = JoinedShard(shard, paths, members)
+    for i in range(len(joined)):
+        yield joined.sample(i)
 
 
 def collate(
@@ -168,81 +242,224 @@ def collate(
     return batch
 
 
-def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
-    return hash((seed, epoch, *extra)) & 0x7FFFFFFF
+# ---- the epoch plan: which sample each rank, worker and batch gets (index arithmetic only) ----
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([x % 2**64 for x in entropy])
+
+
+class EpochOrder:
+    """The global sample order of one epoch, the same for every world size.
+
+    Shards in split order, or with ``shuffle`` in an order drawn from (seed, epoch); their
+    samples concatenated; with ``shuffle`` that sequence is then permuted within
+    consecutive windows of ``window`` samples, and the result again within windows shifted
+    by half a window (so no window boundary survives), each window by its own draw from
+    (seed, epoch, pass, window index). ``locate`` maps positions of this order to samples:
+    a position's sample lies at most two windows before it, so reading needs only the
+    shards of about two windows at a time. Memory is O(shards + window), whatever the
+    number of samples.
+    """
+
+    def __init__(self, sizes: Sequence[int], shuffle: bool, seed: int, epoch: int, window: int) -> None:
+        sizes = np.asarray(sizes, dtype=np.int64)
+        self.n = int(sizes.sum())
+        self.shard_order = _rng(seed, epoch, 0).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+        # starts[k]: position of the k-th shard of the epoch's shard order in the concatenation
+        self.starts = np.concatenate([[0], np.cumsum(sizes[self.shard_order])])
+        self.window = window if shuffle else 0
+        self.seed, self.epoch = seed, epoch
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _bounds(self, shift: int, m: int) -> tuple[int, int]:
+        return max(0, m * self.window - shift), min(self.n, (m + 1) * self.window - shift)
+
+    def _permute(self, p: np.ndarray, shift: int) -> np.ndarray:
+        """Each position replaced by its image under its window's permutation (windows start at -shift)."""
+        out = np.empty_like(p)
+        block = (p + shift) // self.window
+        for m in np.unique(block).tolist():
+            perm = self._perms.get((shift, m))
+            lo, hi = self._bounds(shift, m)
+            if perm is None:
+                if len(self._perms) >= 8:  # a batch rarely spans more than two windows per pass
+                    self._perms.pop(next(iter(self._perms)))
+                perm = self._perms[shift, m] = _rng(self.seed, self.epoch, 1 + shift, m).permutation(hi - lo)
+            sel = block == m
+            out[sel] = lo + perm[p[sel] - lo]
+        return out
+
+    def concat_index(self, positions: np.ndarray) -> np.ndarray:
+        """Positions in the epoch order (taken modulo n) -> positions in the shard concatenation."""
+        p = np.asarray(positions, dtype=np.int64) % self.n
+        if not self.window:
+            return p
+        return self._permute(self._permute(p, self.window // 2), 0)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions -> (k, index): the k-th shard of ``shard_order`` and the sample's index in it."""
+        c = self.concat_index(positions)
+        k = np.searchsorted(self.starts, c, side="right") - 1  # 'right' steps over empty shards
+        return k, c - self.starts[k]
+
+    def window_start(self, position: int) -> int:
+        """The lowest concatenation index that ``position`` or any later position can map to."""
+        p = position % self.n
+        if not self.window:
+            return p
+        lo, _ = self._bounds(self.window // 2, (p + self.window // 2) // self.window)
+        return lo - lo % self.window
+
+
+class EpochPlan:
+    """One rank's batches of one epoch, from position ``start`` of the ``EpochOrder`` on.
+
+    The order is consumed in steps of ``world * batch_size`` positions: in each full step
+    rank r takes the r-th run of ``batch_size``. The last, partial step of L positions is
+    dropped with ``drop_last``; otherwise each rank takes ceil(L / world) of it, and the
+    positions past the end wrap to the start of the epoch order (fewer than ``world``
+    samples are repeated). So every sample is seen once per epoch (plus that padding),
+    every rank yields the same number of batches, and after j batches of every rank the
+    ranks have consumed exactly the first ``consumed_after(j - 1)`` positions: a resume,
+    on any world size, partitions the rest.
+    """
+
+    def __init__(
+        self,
+        order: EpochOrder,
+        start: int,
+        rank: int,
+        world: int,
+        batch_size: int,
+        drop_last: bool,
+    ) -> None:
+        self.order, self.start, self.rank, self.world = order, start, rank, world
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.step = world * batch_size
+        self.full_steps, self.last = divmod(order.n - start, self.step)
+
+    @property
+    def num_batches(self) -> int:
+        return self.full_steps + (1 if self.last and not self.drop_last else 0)
+
+    def positions(self, j: int) -> np.ndarray:
+        """Epoch-order positions of this rank's batch ``j`` (those >= n are padding)."""
+        if j < self.full_steps:
+            first = self.start + j * self.step + self.rank * self.batch_size
+            return np.arange(first, first + self.batch_size, dtype=np.int64)
+        b = math.ceil(self.last / self.world)
+        first = self.start + self.full_steps * self.step + self.rank * b
+        return np.arange(first, first + b, dtype=np.int64)
+
+    def consumed_after(self, j: int) -> int:
+        """Positions every rank together has consumed once each has yielded batch ``j``."""
+        return min(self.start + (j + 1) * self.step, self.order.n)
+
+
+def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): as given, else torch.distributed's when initialised, else (0, 1)."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if dist else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if dist else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(
+            f"StreamingLoader: rank {rank} with world_size {world_size}: need 0 <= rank < world_size; "
+            "pass this process's rank and the number of processes, or leave both None to use "
+            "torch.distributed's"
+        )
+    return rank, world_size
+
+
+class _OpenShards:
+    """A worker's open shards, keyed by their place k in the epoch's shard order.
+
+    Shards that end before ``EpochOrder.window_start`` of the batch being read are closed:
+    a worker reads positions in increasing order, so it never needs them again (but for
+    padding, which reopens one). At most the shards of about two windows stay open.
+    """
+
+    def __init__(self, stream: ShardStream, order: EpochOrder) -> None:
+        self.stream, self.order = stream, order
+        self.open: dict[int, JoinedShard] = {}
+
+    def get(self, k: int) -> JoinedShard:
+        joined = self.open.get(k)
+        if joined is None:
+            shard = self.stream.shards[int(self.order.shard_order[k])]
+            joined = self.open[k] = self.stream.open_shard(shard)
+        return joined
+
+    def close_before(self, concat_position: int) -> None:
+        for k in [k for k in self.open if self.order.starts[k + 1] <= concat_position]:
+            del self.open[k]
 
 
 class ShardStream(IterableDataset):
-    """Batches from the shards of one split, split by node and DataLoader worker.
+    """Batches of one rank of one split; each DataLoader worker makes every n-th batch.
 
-    ``members`` ({(group, shard): catalog entry}) selects indexed reads; None, tar iteration.
+    ``sizes``: samples per shard. ``members`` ({(group, shard): catalog entry}) selects
+    indexed reads; None, tar iteration. ``epoch``, ``start`` (positions already consumed),
+    ``rank``, ``world`` and ``drop_last`` define the plan (``plan()``). Batch j of the rank
+    goes to worker j % num_workers, which is the order a DataLoader returns them in.
     """
 
     def __init__(
         self,
         shards: list[str],
+        sizes: list[int],
         paths: dict[str, dict[str, str]],
-        specs,
-        field_groups,
+        specs: dict[str, FieldSpec],
+        field_groups: dict[str, str],
         batch_size: int,
         shuffle: bool,
         seed: int,
         buffer_size: int,
         members: dict[tuple[str, str], ShardMembers] | None = None,
+        drop_last: bool = False,
     ) -> None:
-        self.shards, self.paths, self.members = shards, paths, members
+        self.shards, self.sizes, self.paths, self.members = shards, sizes, paths, members
         self.specs, self.field_groups = specs, field_groups
         self.batch_size, self.shuffle, self.seed, self.buffer_size = batch_size, shuffle, seed, buffer_size
-        self.epoch = 0
+        self.drop_last = drop_last
+        self.epoch, self.start = 0, 0
+        self.rank: int | None = None  # None: torch.distributed's, when initialised
+        self.world: int | None = None
         self.norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._expected = dict(zip(shards, sizes, strict=True))
 
-    def epoch_shards(self) -> list[str]:
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(_epoch_seed(self.seed, self.epoch)).shuffle(shards)
-        return shards
+    def order(self) -> EpochOrder:
+        return EpochOrder(self.sizes, self.shuffle, self.seed, self.epoch, self.buffer_size)
 
-    def _members(self, shard: str) -> dict[str, ShardMembers] | None:
-        if self.members is None:
-            return None
-        return {g: self.members[g, shard] for g in self.paths if (g, shard) in self.members}
+    def plan(self) -> EpochPlan:
+        rank, world = resolve_world(self.rank, self.world)
+        return EpochPlan(self.order(), self.start, rank, world, self.batch_size, self.drop_last)
+
+    def open_shard(self, shard: str) -> JoinedShard:
+        members = None
+        if self.members is not None:
+            members = {g: self.members[g, shard] for g in self.paths if (g, shard) in self.members}
+        paths = {g: Path(p[shard]) for g, p in self.paths.items()}
+        return JoinedShard(shard, paths, members, self._expected[shard])
 
     def __iter__(self) -> Iterator[dict]:
-        shards = list(split_by_worker(split_by_node(self.epoch_shards())))
-        samples = (
-            s
-            for shard in shards
-            for s in iter_joined(
-                shard, {g: Path(p[shard]) for g, p in self.paths.items()}, self._members(shard)
-            )
-        )
-        if self.shuffle:
-            from webdataset.filters import _shuffle
+        return self._batches(self.plan())  # the plan is fixed now, not at the first batch
 
-            info = get_worker_info()
-            wid = info.id if info else 0
-            rng = random.Random(_epoch_seed(self.seed, self.epoch, wid, _rank()))
-            samples = _shuffle(samples, bufsize=self.buffer_size, initial=self.buffer_size, rng=rng)
-        buf = []
-        for s in samples:
-            buf.append(s)
-            if len(buf) == self.batch_size:
-                yield collate(buf, self.specs, self.field_groups, self.norm)
-                buf = []
-        if buf:
-            yield collate(buf, self.specs, self.field_groups, self.norm)
+    def _batches(self, plan: EpochPlan) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = _OpenShards(self, plan.order)
+        for j in range(worker, plan.num_batches, workers):
+            positions = plan.positions(j)
+            shards.close_before(plan.order.window_start(int(positions[0])))
+            ks, idx = plan.order.locate(positions)
+            samples = [shards.get(k).sample(i) for k, i in zip(ks.tolist(), idx.tolist(), strict=True)]
+            yield collate(samples, self.specs, self.field_groups, self.norm)
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def _world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+# ---- the device path and the loader ----------------------------------------------------------
 
 
 def _as_is(batch: dict) -> dict:
@@ -275,14 +492,23 @@ def _record_stream(batch: dict, stream) -> None:
 
 
 class StreamingLoader:
-    """Iterable of batch dicts for one split of a store.
+    """Iterable of batch dicts for one split of a store, exact per epoch and resumable.
 
     Batches: ``{"keys", "label", "features": {group.field: (B, ...)}, "lengths", "mask",
-    "present": {group: (B,)}}``. Shards are shuffled per epoch from (seed, epoch) and
-    samples through a buffer; shards are split across ranks and DataLoader workers. On
-    CUDA, batches come from pinned memory and the next batch is copied on a side stream
-    while the current one is used. ``normalize=True`` standardises every field with the
-    train split's per-feature mean and std stored with the group.
+    "present": {group: (B,)}}``. The epoch's sample order is a pure function of (seed,
+    epoch): shards shuffled, then samples shuffled within windows of ``buffer_size``, twice,
+    the second time with windows shifted by half a window (``EpochOrder``). Each rank takes fixed slices of that order (``EpochPlan``): every
+    sample once per epoch across ranks and DataLoader workers, the same number of batches
+    on every rank; the last partial step is padded with the first samples of the epoch
+    (fewer than ``world_size`` repeats), or dropped with ``drop_last``. ``rank`` and
+    ``world_size`` default to torch.distributed's when it is initialised.
+
+    ``state_dict()`` records the position reached; ``load_state_dict()`` makes the next
+    iteration yield exactly the batches an uninterrupted run would still have yielded,
+    without reading the samples before it; on another world size, the rest of the epoch
+    once each. On CUDA, batches come from pinned memory and the next batch is copied on a
+    side stream while the current one is used. ``normalize=True`` standardises every field
+    with the train split's per-feature mean and std stored with the group.
 
     Shards are read through ``catalog/members.parquet`` (no tar parsing); ``fast=False``
     reads them by tar iteration and ``np.load`` (the reference path, same batches).
@@ -302,7 +528,15 @@ class StreamingLoader:
         normalize: bool = False,
         fast: bool = True,
         shards: list[str] | None = None,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
+        for name, value in (("batch_size", batch_size), ("buffer_size", buffer_size)):
+            if value < 1:
+                raise ConfigError(f"StreamingLoader: {name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"StreamingLoader: num_workers must be >= 0, got {num_workers}")
         self.store = open_store(store)
         self.split = split
         self.groups = self.store.check_groups(groups)
@@ -314,21 +548,11 @@ class StreamingLoader:
             for f, spec in self.store.field_specs(g).items():
                 self.field_specs[f"{g}.{f}"] = spec
                 self.field_groups[f"{g}.{f}"] = g
-        all_shards = self.store.shards(split)
-        self._shard_sizes = dict(
-            zip(all_shards, self.store.meta["splits"][split]["shard_samples"], strict=True)
-        )
-        if shards is None:
-            shards = all_shards
-        else:  # a selection, e.g. from Store.select(...): read those shards only, no data rewritten
-            foreign = [sh for sh in shards if sh not in self._shard_sizes]
-            if foreign:
-                raise StoreError(f"{self.store.root}: shard(s) {foreign} are not in split {split!r}")
-            chosen = set(shards)
-            shards = [sh for sh in all_shards if sh in chosen]
+        shards = self._select_shards(shards)
         paths = {g: {s: str(self.store.shard_path(g, s)) for s in shards} for g in self.groups}
         self.dataset = ShardStream(
             shards,
+            [self._shard_sizes[s] for s in shards],
             paths,
             self.field_specs,
             self.field_groups,
@@ -337,15 +561,38 @@ class StreamingLoader:
             seed,
             buffer_size,
             load_member_index(self.store, self.groups, shards) if fast else None,
+            drop_last,
         )
+        self.dataset.rank, self.dataset.world = rank, world_size
+        resolve_world(rank, world_size)  # fail early on an impossible pair
         if normalize:
-            # (x - mean) / std with the train split's statistics; constant features keep std 1.
-            norm = {}
-            for g in self.groups:
-                for f, st in self.store.stats(g).items():
-                    std = np.where(st["std"] > 1e-8, st["std"], 1.0).astype(np.float32)
-                    norm[f"{g}.{f}"] = (st["mean"].astype(np.float32), std)
-            self.dataset.norm = norm
+            self.dataset.norm = self._train_stats()
+        self._position = 0  # positions consumed by the current (or last) iteration
+        listing = ",".join(f"{sh}:{n}" for sh, n in zip(shards, self.dataset.sizes, strict=True))
+        self._fingerprint = f"{zlib.crc32(listing.encode()):08x}"
+
+    def _select_shards(self, shards: list[str] | None) -> list[str]:
+        all_shards = self.store.shards(self.split)
+        self._shard_sizes = dict(
+            zip(all_shards, self.store.meta["splits"][self.split]["shard_samples"], strict=True)
+        )
+        if shards is None:
+            return all_shards
+        # a selection, e.g. from Store.select(...): read those shards only, no data rewritten
+        foreign = [sh for sh in shards if sh not in self._shard_sizes]
+        if foreign:
+            raise StoreError(f"{self.store.root}: shard(s) {foreign} are not in split {self.split!r}")
+        chosen = set(shards)
+        return [sh for sh in all_shards if sh in chosen]
+
+    def _train_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(mean, std) per field from the train split; constant features keep std 1."""
+        norm = {}
+        for g in self.groups:
+            for f, st in self.store.stats(g).items():
+                std = np.where(st["std"] > 1e-8, st["std"], 1.0).astype(np.float32)
+                norm[f"{g}.{f}"] = (st["mean"].astype(np.float32), std)
+        return norm
 
     @property
     def num_classes(self) -> int:
@@ -353,44 +600,106 @@ class StreamingLoader:
 
     @property
     def num_samples(self) -> int:
-        return sum(self._shard_sizes[sh] for sh in self.dataset.shards)
+        return sum(self.dataset.sizes)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
+        """Select the epoch the next iteration yields; a resumed position is kept for its own epoch."""
+        if epoch != self.dataset.epoch:
+            self.dataset.epoch, self.dataset.start, self._position = epoch, 0, 0
 
     def __len__(self) -> int:
-        """Batches this rank yields in the current epoch (each worker ends with a partial batch)."""
-        shards = self.dataset.epoch_shards()[_rank() :: _world()]
-        n_workers = max(self.num_workers, 1)
-        return sum(
-            math.ceil(sum(self._shard_sizes[s] for s in shards[w::n_workers]) / self.batch_size)
-            for w in range(n_workers)
-        )
+        """Batches the next iteration yields on this rank (after ``load_state_dict``: the rest)."""
+        return self.dataset.plan().num_batches
 
-    def __iter__(self) -> Iterator[dict]:
-        cuda = self.device.type == "cuda"
-        loader = DataLoader(
+    def state_dict(self) -> dict[str, Any]:
+        """Where this epoch stands: a small JSON-serialisable dict for ``load_state_dict``.
+
+        ``position`` counts the epoch-order positions all ranks have consumed, assuming
+        every rank has yielded as many batches as this one (as DDP steps do), so any rank's
+        state will do. After the epoch's last batch it equals ``num_samples``. ``shards``
+        fingerprints the shard names and sizes the order is drawn over.
+        """
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.dataset.epoch,
+            "position": self._position,
+            "num_samples": self.num_samples,
+            "shards": self._fingerprint,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "buffer_size": self.dataset.buffer_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields the rest of ``state``'s epoch (on any world size).
+
+        The order must be the same: same shards, shuffle, seed and ``buffer_size`` (batch
+        size, world size and workers may differ). Raises ConfigError naming what differs.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(
+                f"StreamingLoader.load_state_dict: state version {state.get('version')!r}, "
+                f"expected {STATE_VERSION}: the state was not made by this loader"
+            )
+        mine = self.state_dict()
+        for key in ("num_samples", "shards", "shuffle", "seed", "buffer_size"):
+            if state.get(key) != mine[key]:
+                raise ConfigError(
+                    f"StreamingLoader.load_state_dict: state has {key}={state.get(key)!r}, this loader "
+                    f"{mine[key]!r}; the epoch order differs, so the position cannot be resumed: "
+                    "build the loader with the same split, shards, shuffle, seed and buffer_size"
+                )
+        position = int(state["position"])
+        if not 0 <= position <= self.num_samples:
+            raise ConfigError(
+                f"StreamingLoader.load_state_dict: position {position} is outside [0, {self.num_samples}]"
+            )
+        self.dataset.epoch, self.dataset.start, self._position = int(state["epoch"]), position, position
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
             self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=cuda,
+            pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             collate_fn=_as_is,  # batches are tensors already; skip default_convert's walk
         )
-        if not cuda:
-            for batch in loader:
-                yield to_device(batch, self.device)
-            return
-        copy_stream = torch.cuda.Stream(device=self.device)
-        pending = None
-        for batch in loader:
-            with torch.cuda.stream(copy_stream):
-                nxt = to_device(batch, self.device, non_blocking=True)
-            if pending is not None:
-                yield pending  # the consumer's step overlaps the copy of ``nxt``
-            main = torch.cuda.current_stream(self.device)
-            main.wait_stream(copy_stream)
-            _record_stream(nxt, main)  # allocated on the side stream, used on the main one
-            pending = nxt
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self.dataset.plan()
+        batches = iter(self._loader())  # workers (or the in-process stream) take the plan's start here
+        self.dataset.start = 0  # a resume applies to one iteration; the next one replays the epoch
+        self._position = plan.start
+        return self._count(plan, _on_device(batches, self.device))
+
+    def _count(self, plan: EpochPlan, batches: Iterator[dict]) -> Iterator[dict]:
+        for j, batch in enumerate(batches):
+            self._position = plan.consumed_after(j)  # before the yield: this batch is consumed
+            yield batch
+        self._position = plan.order.n  # the epoch is done, also when drop_last left a remainder
+
+
+def _on_device(batches, device: torch.device) -> Iterator[dict]:
+    """``batches`` moved to ``device``; on CUDA the next batch is copied while this one is used."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield to_device(batch, device)
+        return
+    copy_stream = torch.cuda.Stream(device=device)
+    pending = None
+    for batch in batches:
+        with torch.cuda.stream(copy_stream):
+            nxt = to_device(batch, device, non_blocking=True)
         if pending is not None:
-            yield pending
+            yield pending  # the consumer's step overlaps the copy of ``nxt``
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(copy_stream)
+        _record_stream(nxt, main)  # allocated on the side stream, used on the main one
+        pending = nxt
+    if pending is not None:
+        yield pending
