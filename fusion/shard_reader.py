@@ -10,31 +10,78 @@ import io
 import json
 import math
 import mmap
+import os
+import re
+import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
-from pipelines.lookup import decode_member  # the one safe-decoding rule, shared with `get`
+from features.errors import ShardFormatError, StoreError
+from pipelines import shards as shard_format
+from pipelines.lookup import NPY_MAX_HEADER, decode_member  # the rules shared with `get`
 from pipelines.store import Store
 
 _BLOCK = 512  # tar header and padding unit
 _NPY_MAGIC = b"\x93NUMPY"
-_NPY_MAX_HEADER = 10000  # np.load's max_header_size when allow_pickle=False
 
 
 class CatalogMismatchWarning(UserWarning):
     """A shard file does not match ``catalog/members.parquet``; it is read by tar iteration."""
 
 
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: such members are not samples
+
+
 def iter_group_shard(path: Path) -> Iterator[dict]:
-    """Samples of one group's tar shard: {"__key__", "json", "<field>.npy", ...} as raw bytes."""
-    with open(path, "rb") as f:
-        stream = ({**m, "__url__": str(path)} for m in tar_file_iterator(f))
-        yield from group_by_keys(stream)
+    """Samples of one group's tar shard: {"__key__", "json", "<field>.npy", ...} as raw bytes.
+
+    Every member header is checked before its payload is read (``member_problem``: links,
+    absolute or ``..`` names, oversized members), and the tar must end with its end-of-archive
+    blocks: ``tarfile`` stops silently at a cut or damaged header, which would drop samples.
+    """
+    yield from group_by_keys(_checked_members(Path(path)))
+
+
+def _open_shard(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise StoreError(f"{path}: shard file missing; run modalstore verify") from None
+
+
+def _checked_members(path: Path) -> Iterator[dict]:
+    last = None
+    with _open_shard(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|")
+            for info in tar:
+                problem = shard_format.member_problem(info)
+                if problem is not None:
+                    raise ShardFormatError(f"{path}: member {info.name!r} {problem}")
+                if _META.match(info.name):
+                    continue
+                data = tar.extractfile(info).read()
+                last = info.name
+                yield {"fname": info.name, "data": data, "__url__": str(path)}
+                tar.members = []  # keep memory flat over long shards
+            end = tar.offset
+        except (tarfile.TarError, EOFError) as exc:
+            after = f" after member {last!r}" if last else ""
+            raise ShardFormatError(f"{path}: damaged tar{after}: {exc}; run modalstore verify") from exc
+        f.seek(end)
+        tail = f.read(max(0, min(size - end, 1 << 20)))
+        if len(tail) < 2 * _BLOCK or tail.strip(b"\0") or size - end > len(tail):
+            after = f" after member {last!r}" if last else " before its first member"
+            raise ShardFormatError(
+                f"{path}: tar ends{after} without a valid end-of-archive (truncated, or a damaged "
+                f"header at byte {end}); run modalstore verify"
+            )
 
 
 # ---- the member index: catalog/members.parquet as compact arrays per (group, shard) ----------
@@ -96,7 +143,7 @@ def load_member_index(
 
 def _map_file(path: Path):
     """The whole file as a read-only buffer: an mmap (no copy into our memory), else bytes."""
-    with open(path, "rb") as f:
+    with _open_shard(path) as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (ValueError, OSError):  # an empty file, or a filesystem without mmap
@@ -182,6 +229,12 @@ def iter_indexed_shard(path: Path, members: ShardMembers, shard: str, group: str
 
     A file that does not match its catalog entry is read by tar iteration, with a warning.
     """
+    if len(members.sizes) and members.sizes.max() > shard_format.MAX_MEMBER_BYTES:
+        i = int(np.argmax(members.sizes))
+        raise ShardFormatError(
+            f"{path}: member {members.names[i].decode('utf-8', 'replace')!r} is {int(members.sizes[i]):,} "
+            f"bytes, over the limit of {shard_format.MAX_MEMBER_BYTES:,} (refused before reading)"
+        )
     samples = _indexed_samples(_map_file(path), members)
     if samples is None:
         warnings.warn(
@@ -213,10 +266,10 @@ class NpyLayout:
         head = bytes(data[:12])
         if len(head) < 12 or head[:6] != _NPY_MAGIC or head[6] not in (1, 2):
             return  # version 3 (utf-8 headers) and odd files: np.load only
-        fp = io.BytesIO(bytes(data[: 12 + _NPY_MAX_HEADER]))
+        fp = io.BytesIO(bytes(data[: 12 + NPY_MAX_HEADER]))
         version = np.lib.format.read_magic(fp)
         read = np.lib.format.read_array_header_1_0 if version[0] == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fp, max_header_size=_NPY_MAX_HEADER)
+        shape, fortran, dtype = read(fp, max_header_size=NPY_MAX_HEADER)
         self.start = 10 if version[0] == 1 else 12
         self.hl = fp.tell()  # header end: the data offset
         self.magic = head[:8]
@@ -246,7 +299,7 @@ class NpyLayout:
         core = self.pre + str(n0).encode() + self.post
         pad = hl - self.start - len(core) - 1
         want = b""
-        if n0 >= 0 and pad >= 0 and hl - self.start <= _NPY_MAX_HEADER:
+        if n0 >= 0 and pad >= 0 and hl - self.start <= NPY_MAX_HEADER:
             want = (
                 self.magic + (hl - self.start).to_bytes(self.start - 8, "little") + core + b" " * pad + b"\n"
             )
@@ -291,7 +344,7 @@ class MemberDecoder:
         if suffix == "json":
             try:
                 return _loads_json(data)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass  # decode_member raises the standard error
         elif suffix.endswith(".npy") or suffix == "npy":
             layout = self.layouts.get((group, suffix))

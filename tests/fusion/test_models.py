@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from features.errors import ConfigError
+from fusion.encoders import SequenceEncoder
+from fusion.losses import training_loss
 from fusion.models import (
     FusionModel,
-    SequenceEncoder,
     create_model,
     get_model,
     list_models,
@@ -70,7 +71,17 @@ def drop_group(batch: dict, group: str, rows: list[int]) -> dict:
 
 
 def test_registry_lists_the_models():
-    assert {"late_fusion", "unimodal"} <= set(list_models())
+    assert {
+        "early_fusion",
+        "late_fusion",
+        "gated",
+        "cross_attention",
+        "lmf",
+        "autoencoder",
+        "multitask",
+        "tcn",
+        "unimodal",
+    } <= set(list_models())
 
 
 def test_unknown_model_lists_valid_names():
@@ -132,7 +143,9 @@ def test_forward_shape_and_finite_with_missing_groups(name, loader, batch):
 def test_backward_gives_finite_gradients_to_every_parameter(name, loader, batch):
     model = build(name, loader).train()
     batch = drop_group(batch, model_groups(name)[0], [0])
-    F.cross_entropy(model(batch)["logits"], batch["label"]).backward()
+    loss, parts = training_loss(model, model(batch), batch)
+    assert torch.isfinite(loss) and "ce" in parts
+    loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(p.grad).all(), pname
@@ -237,3 +250,125 @@ def test_sequence_encoder_handles_a_batch_of_empty_sequences():
     masked = enc(torch.randn(3, 4, 6), torch.zeros(3, 4, dtype=torch.bool))
     assert empty.shape == (3, 8)
     torch.testing.assert_close(empty, masked)
+
+
+FUSION_MODELS = [m for m in list_models() if m != "unimodal"]
+
+
+@pytest.mark.parametrize("name", FUSION_MODELS)
+def test_an_absent_group_never_reaches_the_output(name, loader, batch):
+    # Whatever an absent group's features and mask claim, present=False must win.
+    model = build(name, loader)
+    absent = drop_group(batch, "audio", [0, 2, 5])
+    changed = copy.deepcopy(absent)
+    changed["features"]["audio.mfcc"][[0, 2, 5]] = 500.0 * torch.randn(
+        3, *absent["features"]["audio.mfcc"].shape[1:]
+    )
+    changed["mask"]["audio.mfcc"][[0, 2, 5]] = True
+    torch.testing.assert_close(model(changed)["logits"], model(absent)["logits"])
+
+
+def test_gated_fusion_gives_a_missing_group_weight_zero(loader, batch):
+    model = build("gated", loader)
+    batch = drop_group(drop_group(batch, "image", [0, 1]), "video", [1, 3])
+    weights = model(batch)["weights"]  # (batch, groups)
+    assert weights.shape == (batch["label"].shape[0], len(GROUPS))
+    assert torch.equal(weights[[0, 1], 0], torch.zeros(2))
+    assert torch.equal(weights[[1, 3], 2], torch.zeros(2))
+    torch.testing.assert_close(weights.sum(1), torch.ones(weights.shape[0]))
+    assert (weights[4:] > 0).all()
+
+
+def test_autoencoder_reconstructs_a_missing_group_and_skips_it_in_the_loss(loader, batch):
+    model = build("autoencoder", loader)
+    missing = drop_group(batch, "video", [0, 1, 2])
+    recon = model.reconstruct(missing)
+    assert set(recon) == set(GROUPS)
+    assert recon["video"].shape == (batch["label"].shape[0], 2 * 3 * 3)  # mean video.grid frame
+    assert recon["image"].shape == (batch["label"].shape[0], 12 + 6)  # image.embedding + image.patch
+    assert all(torch.isfinite(r).all() for r in recon.values())
+    # the reconstruction loss of a missing group ignores what its (zeroed) features would say
+    out = model(missing)
+    changed = copy.deepcopy(missing)
+    changed["features"]["video.grid"][[0, 1, 2]] = 7.0
+    torch.testing.assert_close(model.pretrain_loss(out, changed), model.pretrain_loss(out, missing))
+    assert model.pretrain_loss(out, missing) > 0
+
+
+def test_multitask_losses_match_a_direct_computation(loader, batch):
+    model = build("multitask", loader, aux_weight=0.5, mse_weight=2.0)
+    batch = drop_group(batch, "image", [0, 1, 2])
+    out = model(batch)
+    loss, parts = training_loss(model, out, batch)
+    labels = batch["label"]
+    aux = []
+    for i, g in enumerate(GROUPS):
+        rows = batch["present"][g]
+        aux.append(F.cross_entropy(out["group_logits"][rows, i], labels[rows]))
+    mse = ((out["value"] - labels.float() / (NUM_CLASSES - 1)) ** 2).mean()
+    expected = F.cross_entropy(out["logits"], labels) + 0.5 * sum(aux) / 3 + 2.0 * mse
+    torch.testing.assert_close(loss, expected)
+    assert set(parts) == {"ce", "aux_ce", "mse"}
+
+
+def test_resample_matches_an_independent_area_average():
+    import numpy as np
+
+    from fusion.encoders import resample
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 10, 2, generator=gen)
+    lengths = [10, 3, 0]
+    mask = torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]
+    out = resample(h, mask, 4)
+    for b, n in enumerate(lengths):
+        for t in range(4):
+            if n == 0:
+                expected = np.zeros(2)
+            else:  # a piecewise-constant signal of duration 1, averaged over [t/4, (t+1)/4)
+                grid = np.linspace(t / 4, (t + 1) / 4, 4001)[:-1] + 1 / 8000
+                idx = np.minimum((grid * n).astype(int), n - 1)
+                expected = h[b, idx].numpy().mean(0)
+            np.testing.assert_allclose(out[b, t].numpy(), expected, atol=2e-3)
+
+
+def test_tcn_is_causal():
+    from fusion.encoders import TCN
+
+    torch.manual_seed(0)
+    tcn = TCN(3, 8, levels=3, dropout=0.0).eval()
+    x = torch.randn(2, 12, 3)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    later = x.clone()
+    later[:, 7:] = 100.0  # changing frames >= 7 must leave frames < 7 unchanged
+    a, b = tcn(x, mask), tcn(later, mask)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+    # receptive field: 1 + 2 * (3 - 1) * (1 + 2 + 4) = 29 frames, so frame 11 sees frame 0
+    first = x.clone()
+    first[:, 0] += 1.0
+    assert not torch.allclose(tcn(first, mask)[:, 11], a[:, 11])
+
+
+def test_model_options_and_bad_values(loader):
+    from fusion.models import model_options
+
+    assert model_options("cross_attention") == ["heads", "steps"]
+    assert model_options("lmf") == ["rank"]
+    with pytest.raises(ConfigError, match=r"hidden \(16\) must be divisible by heads \(3\)"):
+        build("cross_attention", loader, heads=3)
+    with pytest.raises(ConfigError, match="needs at least 2 groups"):
+        create_model("cross_attention", loader.field_specs, loader.field_groups, ["audio"], NUM_CLASSES)
+    with pytest.raises(ConfigError, match="sequence encoder must be one of"):
+        build("gated", loader, encoder="lstm")
+
+
+@pytest.mark.parametrize("name", ["late_fusion", "gated"])
+def test_tcn_encoder_option_forward_and_padding(name, loader, batch):
+    model = build(name, loader, encoder="tcn")
+    noisy = copy.deepcopy(batch)
+    for f, mask in noisy["mask"].items():
+        x = noisy["features"][f]
+        pad = ~mask.view(*mask.shape, *[1] * (x.dim() - 2)).expand_as(x)
+        x[pad] = 1e3
+    torch.testing.assert_close(model(noisy)["logits"], model(batch)["logits"])

@@ -7,7 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+)
 
 from features.errors import ConfigError, StoreError
 from features.spec import FieldSpec
@@ -69,6 +76,11 @@ def test_plan_runs_expands_unimodal_per_group(tmp_path):
         RunSpec("unimodal-image", "unimodal", ("image",)),
         RunSpec("unimodal-audio", "unimodal", ("audio",)),
     ]
+    seeded = plan_runs(small_config(tmp_path, models=["late_fusion"], seed=3, seeds=2))
+    assert seeded == [
+        RunSpec("late_fusion-seed3", "late_fusion", ("image", "audio"), 3),
+        RunSpec("late_fusion-seed4", "late_fusion", ("image", "audio"), 4),
+    ]
 
 
 def test_fusion_beats_every_unimodal_run(trained):
@@ -88,14 +100,32 @@ def test_run_folder_holds_config_log_and_checkpoint(trained):
 
         log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
         assert [row["epoch"] for row in log] == list(range(1, trained.config.epochs + 1))
-        assert set(log[0]) == {"epoch", "train_loss", "train_acc", "val_acc", "seconds"}
+        assert set(log[0]) == {
+            "epoch",
+            "step",
+            "phase",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "val_macro_f1",
+            "lr",
+            "seconds",
+        }
+        steps = [json.loads(line) for line in (path / "steps.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in steps] == list(range(1, len(steps) + 1))
+        assert len(steps) == trained.config.epochs * 16 == log[-1]["step"]  # 512 samples / 32
+        assert {"loss", "ce", "lr", "epoch"} <= set(steps[0])
 
         ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
         assert ckpt["config"] == to_dict(trained.config)
-        assert ckpt["run"] == {"name": run.name, "model": run.model, "groups": list(run.groups)}
+        assert ckpt["run"] == {"name": run.name, "model": run.model, "groups": list(run.groups), "seed": 0}
         assert ckpt["num_classes"] == 4
         assert set(ckpt["field_groups"].values()) == set(run.groups)
-        assert {"state", "param_groups"} <= set(ckpt["optimizer"])
+        last = torch.load(path / "last.pt", weights_only=True)
+        assert {"state", "param_groups"} <= set(last["optimizer"])
+        assert {"model", "scheduler", "rng", "state", "config", "loader"} <= set(last)
+        assert last["state"]["epoch"] == trained.config.epochs and last["state"]["step"] == log[-1]["step"]
         # the checkpoint is the first epoch with the best validation accuracy in the log
         best = max(row["val_acc"] for row in log)
         assert ckpt["best_val_acc"] == best
@@ -140,6 +170,16 @@ def test_metrics_equal_scikit_learn_on_independent_predictions(trained):
             recall_score(labels, preds, average="macro"), abs=1e-6
         )
         assert metrics["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"), abs=1e-6)
+        for avg in ("macro", "micro"):
+            assert metrics[f"{avg}_precision"] == pytest.approx(
+                precision_score(labels, preds, average=avg, zero_division=0), abs=1e-6
+            )
+            assert metrics[f"{avg}_f1"] == pytest.approx(f1_score(labels, preds, average=avg), abs=1e-6)
+        p, r, f, support = precision_recall_fscore_support(labels, preds, labels=range(4), zero_division=0)
+        for k, row in enumerate(metrics["per_class"]):
+            assert row["class"] == k and row["support"] == support[k]
+            assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p[k], r[k], f[k]), abs=1e-6)
+        assert (path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert metrics["confusion_matrix"] == confusion_matrix(labels, preds, labels=range(4)).tolist()
         rows = (path / "predictions.csv").read_text().splitlines()[1:]
         assert [int(r.split(",")[2]) for r in rows] == preds
@@ -148,19 +188,28 @@ def test_metrics_equal_scikit_learn_on_independent_predictions(trained):
 def test_report_lists_every_run_fusion_first(trained):
     md = (trained.runs_dir / "report.md").read_text()
     assert md == trained.report
-    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    lines = md.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| run | model")))
+    table = lines[start + 2 : start + 5]
     assert [line.split(" | ")[0][2:] for line in table] == ["late_fusion", "unimodal-audio", "unimodal-image"]
     for name, m in trained.metrics.items():
         row = next(line for line in table if line.startswith(f"| {name} |"))
-        assert (
-            f"| {100 * m['accuracy']:.1f} | {100 * m['macro_recall']:.1f} | {100 * m['macro_f1']:.1f} |"
-            in row
-        )
+        cells = [100 * m[c] for c in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_f1")]
+        assert "| 1 | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {m['n']} |" in row
+    # robustness: the drop when masking a modality, from the metrics' own masked accuracies
+    rob = next(line for line in lines if line.startswith("| late_fusion | ") and line.count("|") == 7)
+    m = trained.metrics["late_fusion"]
+    drops = [100 * (m["accuracy"] - m["robustness"][k][g]) for k in ("masked", "noise") for g in GROUPS]
+    assert (
+        rob == f"| late_fusion | {100 * m['accuracy']:.1f} | " + " | ".join(f"{d:+.1f}" for d in drops) + " |"
+    )
+    assert "](late_fusion/confusion.png)" in md and "](curves.png)" in md
     best_uni = max(trained.metrics[n]["accuracy"] for n in RUN_NAMES[1:])
     margin = 100 * (trained.metrics["late_fusion"]["accuracy"] - best_uni)
     assert f"margin {margin:+.1f} points" in md
     assert "](report.png)" in md
-    assert (trained.runs_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("report.png", "curves.png"):
+        assert (trained.runs_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_is_deterministic(tmp_path, fake_loader_factory):
@@ -189,7 +238,7 @@ def test_evaluate_refuses_a_store_with_other_classes(trained, fake_loader_factor
 
 def test_config_rejects_a_bad_optimizer(tmp_path):
     with pytest.raises(
-        ConfigError, match=r"TrainConfig.optimizer: must be one of \['adam', 'sgd'\], got 'rmsprop'"
+        ConfigError, match=r"TrainConfig.optimizer: must be one of \['adam', 'adamw', 'sgd'\], got 'rmsprop'"
     ):
         small_config(tmp_path, optimizer="rmsprop")
 
@@ -204,7 +253,7 @@ def test_config_rejects_a_bad_optimizer(tmp_path):
         (
             "models",
             ["late_fusion", "transformer"],
-            r"unknown model\(s\) \['transformer'\]; available: late_fusion",
+            r"unknown model\(s\) \['transformer'\]; available: .*late_fusion",
         ),
         (
             "model_params",
@@ -242,6 +291,10 @@ def test_sgd_uses_momentum(tmp_path):
         small_config(tmp_path, optimizer="sgd", lr=0.1), [torch.nn.Parameter(torch.zeros(2))]
     )
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    opt = make_optimizer(
+        small_config(tmp_path, optimizer="adamw", weight_decay=0.01), [torch.nn.Parameter(torch.zeros(2))]
+    )
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.01
 
 
 @pytest.mark.slow
@@ -260,3 +313,28 @@ def test_end_to_end_on_a_real_store(tiny_store, tmp_path):
     assert {"image.embedding", "audio.mfcc", "video.grid"} <= set(ckpt["field_specs"])
     report = write_report(config.runs_dir)
     assert all(f"| {p.name} |" in report for p in paths)
+
+
+def test_robustness_masked_accuracy_matches_an_independent_computation(trained):
+    ckpt = torch.load(trained.runs_dir / "late_fusion" / "checkpoint.pt", weights_only=True)
+    model = rebuild(ckpt)
+    metrics = trained.metrics["late_fusion"]
+    for group in GROUPS:
+        labels, preds = [], []
+        with torch.no_grad():
+            for batch in trained.factory("test", list(GROUPS), False):
+                batch["present"][group][:] = False  # what a missing modality looks like
+                for f, x in batch["features"].items():
+                    if f.startswith(group + "."):
+                        x.zero_()
+                        if f in batch["mask"]:
+                            batch["mask"][f][:] = False
+                            batch["lengths"][f][:] = 0
+                labels += batch["label"].tolist()
+                preds += model(batch)["logits"].argmax(-1).tolist()
+        assert metrics["robustness"]["masked"][group] == pytest.approx(
+            accuracy_score(labels, preds), abs=1e-6
+        )
+        # one bit of two is left: about half the clean accuracy, never more than the clean one
+        assert 0.3 < metrics["robustness"]["masked"][group] < 0.65
+    assert set(metrics["robustness"]["noise"]) == set(GROUPS)
