@@ -25,14 +25,27 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    data = _safe_load(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _safe_load(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # yaml's constructors raise these for scalars that look typed but are not (2024-13-45)
+        raise ConfigError(f"{where}: invalid YAML value: {type(exc).__name__}: {exc}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None, where: str = "--set") -> dict:
@@ -43,9 +56,9 @@ def apply_overrides(data: dict, overrides: list[str] | None, where: str = "--set
             raise ConfigError(f"{where}: override {item!r} must look like key=value")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: cannot parse value of {dotted!r}: {raw!r}") from exc
+            value = _safe_load(raw, where)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: cannot parse value of {dotted!r}: {raw!r} ({exc})") from None
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -63,7 +76,7 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((str(k) for k in set(data) - set(fields)), key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
     kwargs = {}
@@ -115,7 +128,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} is too large for a number") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

@@ -69,6 +69,7 @@ class ExtractConfig:
     samples_per_shard: int = 256
     missing_media: str = "error"
     max_errors: float | None = None  # abort past this many per-sample errors (a count, or a fraction < 1)
+    remote_timeout: float = 60.0  # seconds before a read of a media URL (s3://, http://...) gives up
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -81,6 +82,8 @@ class ExtractConfig:
             raise ConfigError(f"samples_per_shard: must be >= 1, got {self.samples_per_shard}")
         if self.missing_media not in MISSING_MEDIA_POLICIES:
             raise ConfigError(f"missing_media: {self.missing_media!r} is not one of {MISSING_MEDIA_POLICIES}")
+        if not self.remote_timeout > 0:
+            raise ConfigError(f"remote_timeout: must be > 0 seconds, got {self.remote_timeout}")
         if self.max_errors is not None and self.max_errors < 0:
             raise ConfigError(
                 f"max_errors: must be >= 0 (a count, or a fraction below 1), got {self.max_errors}"
@@ -106,6 +109,7 @@ class GroupTask:
     params: dict[str, Any]
     modality: str
     artifact: str | None = None  # fitted state (.npz) of a fit-then-transform extractor
+    remote_timeout: float = 60.0  # per media URL read, from ExtractConfig
     version: str = ""  # content hash naming the group's output (pipelines/versions.py)
     config_hash: str = ""  # the version without the manifest: shards with the same rows are reused
 
@@ -143,7 +147,7 @@ def fit_group(task: GroupTask, samples: tuple[Sample, ...]) -> dict:
         if source is None:
             continue
         try:
-            medias.append(decode(task.modality, source, request))
+            medias.append(decode(task.modality, source, request, timeout=task.remote_timeout))
         except Exception as exc:  # noqa: BLE001 - recorded, left out of the fit
             errors.append(_error_row(sample, task.name, "", "fit", exc))
     if not medias:
@@ -241,7 +245,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
             ck = (g.modality, source, request_key)
             try:
                 if ck not in decoded_cache:
-                    decoded_cache[ck] = decode(g.modality, source, request)
+                    decoded_cache[ck] = decode(g.modality, source, request, timeout=g.remote_timeout)
                 media = decoded_cache[ck]
             except Exception as exc:  # noqa: BLE001 - recorded per sample by policy
                 errors.append(_error_row(sample, g.name, plan.name, "decode", exc))
@@ -310,6 +314,62 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
     return {"shard": plan.name, "parts": parts, "seconds": time.perf_counter() - t0}
 
 
+def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc: BaseException) -> dict:
+    """Placeholders for a shard whose task kept killing its worker (a poison input).
+
+    Every sample gets ``present: false`` in every group and an error row (stage ``worker``),
+    so the store stays aligned and the rest of the job completes. The parts are marked
+    ``failed``: the next ``extract`` retries the shard instead of keeping the placeholders.
+    """
+    rows = rows_hash(plan)
+    message = (
+        f"the task for shard {plan.name} killed its Dask worker too often "
+        f"(distributed.scheduler.allowed-failures): {exc}; re-run extract to retry this shard"
+    )
+    parts = {}
+    for g in groups:
+        with ShardWriter(shard_dir(Path(store), g.name, g.version) / f"{plan.name}.tar") as writer:
+            for s in plan.samples:
+                writer.add_sample(
+                    s.key, {"key": s.key, "label": s.label, "split": s.split, "present": False}, {}
+                )
+            size, digest = writer.close()
+        errors = [
+            {
+                "key": s.key,
+                "group": g.name,
+                "shard": plan.name,
+                "stage": "worker",
+                "error_type": type(exc).__name__,
+                "message": message,
+            }
+            for s in plan.samples
+        ]
+        part = {
+            "group": g.name,
+            "version": g.version,
+            "shard": plan.name,
+            "rows": rows,
+            "failed": True,
+            "present": [False] * len(plan.samples),
+            "errors": errors,
+            "file": {
+                "group": g.name,
+                "version": g.version,
+                "shard": plan.name,
+                "split": plan.split,
+                "samples": len(plan.samples),
+                "bytes": size,
+                "sha256": digest,
+            },
+            "members": [[m.name, m.offset, m.size] for m in writer.members],
+            "moments": {},
+        }
+        save_part(Path(store), part)
+        parts[g.name] = part
+    return {"shard": plan.name, "parts": parts, "seconds": 0.0}
+
+
 def _later_uses(groups: tuple[GroupTask, ...], g: GroupTask) -> bool:
     idx = groups.index(g)
     return any(other.modality == g.modality for other in groups[idx + 1 :])
@@ -327,6 +387,7 @@ class ExtractSummary:
     resumed_shards: int = 0  # shards every group of which was finished before this run
     computed: dict[str, int] = field(default_factory=dict)  # group -> shards computed in this run
     reused: dict[str, int] = field(default_factory=dict)  # group -> shards linked from another version
+    failed_shards: list[str] = field(default_factory=list)  # tasks that kept killing their worker
 
     def __str__(self) -> str:
         if self.up_to_date:
@@ -341,7 +402,14 @@ class ExtractSummary:
             f"{g}: {self.computed.get(g, 0)} computed, {self.reused.get(g, 0)} reused"
             for g in sorted(set(self.computed) | set(self.reused))
         ]
-        return text + ("\n  shards per group: " + "; ".join(work) if work else "")
+        if work:
+            text += "\n  shards per group: " + "; ".join(work)
+        if self.failed_shards:
+            text += (
+                f"\n  {len(self.failed_shards)} shard(s) failed (their task kept killing its worker; "
+                f"placeholders written, re-run to retry): {', '.join(self.failed_shards)}"
+            )
+        return text
 
 
 def group_meta(task: GroupTask, ex, artifact: dict | None = None) -> dict:
@@ -405,7 +473,13 @@ def prepare(
                 f"groups.{name}: extractor {gc.extractor!r} needs {ex.modality!r} media, "
                 f"but manifest {manifest.path} has none (modalities present: {manifest.modalities})"
             )
-        task = GroupTask(name=name, extractor=gc.extractor, params=ex.params(), modality=ex.modality)
+        task = GroupTask(
+            name=name,
+            extractor=gc.extractor,
+            params=ex.params(),
+            modality=ex.modality,
+            remote_timeout=config.remote_timeout,
+        )
         tasks.append(task)
         metas[name] = group_meta(task, ex)
     previous = previous_layout(Path(config.store), config.samples_per_shard) if incremental else None
@@ -618,22 +692,27 @@ def run_extract(
         finally:
             _restore_threads()
     else:
-        from distributed import as_completed
+        from distributed import KilledWorker, as_completed
 
         run_id = uuid.uuid4().hex[:8]
-        futures = [
+        futures = {
             client.submit(
                 extract_shard, plan, groups, root, key=f"extract-{plan.name}-{run_id}", resources=resources
-            )
+            ): (plan, groups)
             for plan, groups in todo
-        ]
+        }
         try:
-            for fut in as_completed(futures):
-                collect(fut.result())
+            for fut in as_completed(list(futures)):
+                try:
+                    result = fut.result()
+                except KilledWorker as exc:  # Dask rescheduled it and gave up: a poison input
+                    result = failed_shard(*futures[fut], root, exc)
+                collect(result)
         except BaseException:
-            client.cancel(futures)
+            client.cancel(list(futures))
             raise
     bar.close()
+    remove_leftovers(store)  # temporary files of attempts on workers that were killed
     _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_errors, identity)
     computed = {t.name: sum(1 for _, gs in todo if t in gs) for t in tasks}
     all_errors = [e for rows in fit_errors.values() for e in rows] + [
@@ -649,14 +728,23 @@ def run_extract(
         resumed_shards=resumed,
         computed=computed,
         reused=reused,
+        failed_shards=sorted({r for t in tasks for r, p in parts[t.name].items() if p.get("failed")}),
     )
 
 
 def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_errors, identity) -> None:
-    """Statistics per version, the catalog of the active versions, and store.json last."""
+    """Statistics per version, the catalog of the active versions, and store.json last.
+
+    A store with failed shards (placeholders) gets no identity, so the next run retries them.
+    """
+    failed = sorted({p.name for p in plans for t in tasks if parts[t.name][p.name].get("failed")})
     for task in tasks:
         stats_rel = f"{VERSIONS_DIR}/{task.name}/{task.version}/stats.npz"
-        if not (store / stats_rel).exists():
+        partial = store / VERSIONS_DIR / task.name / task.version / "stats.partial"  # a shard failed
+        if not (store / stats_rel).exists() or partial.exists():
+            partial.unlink(missing_ok=True)
+            if any(parts[task.name][p.name].get("failed") for p in plans):
+                partial.touch()
             stats = {}
             for f in metas[task.name]["fields"]:
                 merged = None
@@ -688,7 +776,8 @@ def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_error
             },
             "groups": metas,
             "config": to_dict(config),
-            "identity": identity,
+            "identity": None if failed else identity,
+            "failed_shards": failed,
             "errors": sum(len(v) for v in fit_errors.values())
             + sum(len(parts[t.name][p.name]["errors"]) for t in tasks for p in plans),
         },

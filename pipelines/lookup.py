@@ -12,23 +12,24 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from features.errors import ShardFormatError, StoreError
+from features.errors import ModalstoreError, ShardFormatError, StoreError
+from pipelines import shards as shard_format
 from pipelines.inspect import format_table, read_columns
 from pipelines.store import open_store
 
 _HEADER = 512
+NPY_MAX_HEADER = 10000  # np.load's max_header_size when allow_pickle=False
 
 
-def decode_member(shard: str, name: str, suffix: str, data: bytes):
-    """Decode one member: ``.json`` or ``.npy`` (no pickle) only; anything else is refused.
-
-    The streaming loader (``fusion.loader``) uses this same function.
-    """
+def _decode_plain(shard: str, name: str, suffix: str, data: bytes):
+    """Decode one member: ``.json`` or ``.npy`` (no pickle) only; anything else is refused."""
     if suffix == "json":
         try:
             return json.loads(data)
@@ -46,11 +47,62 @@ def decode_member(shard: str, name: str, suffix: str, data: bytes):
     )
 
 
+def decode_member(shard: str, name: str, suffix: str, data):
+    """Decode one member under the loader's rules (``.npy`` without pickle, ``.json``), hardened
+    for hostile bytes; the streaming loader (``fusion.shard_reader``) uses this same function. A ``.npy`` header whose
+    shape does not fit the payload is refused before ``np.load`` allocates it, and any other
+    decoder failure (``np.load`` raises TokenError, TypeError, EOFError... on crafted headers;
+    deeply nested JSON, RecursionError) is a ShardFormatError naming the member."""
+    if suffix == "npy" or suffix.endswith(".npy"):
+        problem = _npy_size_problem(data)
+        if problem is not None:
+            raise ShardFormatError(f"{shard}: member {name!r}: {problem}")
+    try:
+        return _decode_plain(shard, name, suffix, data)
+    except ModalstoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever bytes a shard holds, the reader names it
+        raise ShardFormatError(
+            f"{shard}: member {name!r}: cannot decode ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _npy_size_problem(data) -> str | None:
+    """Why a ``.npy`` payload cannot hold what its header declares (None: it can, or np.load decides)."""
+    fp = io.BytesIO(bytes(data[: 12 + NPY_MAX_HEADER]))
+    try:
+        version = np.lib.format.read_magic(fp)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(fp, max_header_size=NPY_MAX_HEADER)
+        declared = math.prod(shape) * dtype.itemsize
+    except Exception:  # noqa: BLE001 - an unreadable header: np.load gives the standard error
+        return None
+    if dtype.hasobject:
+        return None  # np.load(allow_pickle=False) refuses it with the standard message
+    held = len(data) - fp.tell()
+    if declared != held:
+        return f"its .npy header declares {declared:,} bytes of array data ({dtype}, shape {shape}), the member holds {held:,}"
+    return None
+
+
 def _read_member(f, shard: str, name: str, offset: int, size: int) -> bytes:
     """The payload of one member, after checking the tar header just before it."""
     if offset < _HEADER:
         raise ShardFormatError(
             f"{shard}: member {name!r}: catalog offset {offset} is inside the first header"
+        )
+    if size > shard_format.MAX_MEMBER_BYTES:
+        raise ShardFormatError(
+            f"{shard}: member {name!r}: {size:,} bytes per the catalog, over the limit of "
+            f"{shard_format.MAX_MEMBER_BYTES:,} (refused before reading)"
+        )
+    end = os.fstat(f.fileno()).st_size
+    if offset + size > end:
+        raise ShardFormatError(
+            f"{shard}: member {name!r}: catalog says bytes {offset}..{offset + size}, the shard has {end} "
+            "(truncated, or the catalog does not match); run modalstore verify"
         )
     f.seek(offset - _HEADER)
     buf = f.read(_HEADER + size)
@@ -65,6 +117,9 @@ def _read_member(f, shard: str, name: str, offset: int, size: int) -> bytes:
             f"{shard}: member {name!r}: no valid tar header before offset {offset} ({exc}); "
             "the catalog does not match the shard, run modalstore verify"
         ) from exc
+    problem = shard_format.member_problem(info)
+    if problem is not None:
+        raise ShardFormatError(f"{shard}: member {name!r}: {problem}")
     # GNU tar keeps names over 100 bytes in a preceding long-name entry; this header holds a prefix.
     expected = name.encode("utf-8", "surrogateescape")[:100]
     if info.name.encode("utf-8", "surrogateescape")[:100] != expected or info.size != size:

@@ -7,7 +7,9 @@ Formats: Parquet (``.parquet``), CSV (``.csv``) or JSON lines (``.jsonl``). Colu
 - ``split`` one of train / val / test
 - ``image``, ``audio``, ``video`` optional media paths: relative to the manifest's folder,
   absolute, or fsspec URLs (``s3://...``); empty or null means the modality is absent
-- ``text``  optional inline string
+- ``text``  optional inline string; bytes that are not UTF-8 are kept as surrogate escapes
+  and refused per sample when the text is decoded (``pipelines.media.load_text``), so one
+  badly encoded row does not stop the run
 
 Other columns are allowed and ignored.
 """
@@ -70,7 +72,9 @@ def _read_table(path: Path) -> dict[str, list]:
             table = pacsv.read_csv(
                 path,
                 convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.string() for c in ("key", "split", *MODALITY_COLUMNS)},
+                    # text as bytes: an undecodable row becomes a per-sample error, not a failed manifest
+                    column_types={c: pa.string() for c in ("key", "split", *MEDIA_COLUMNS)}
+                    | {"text": pa.binary()},
                     strings_can_be_null=True,
                 ),
             )
@@ -82,9 +86,19 @@ def _read_table(path: Path) -> dict[str, list]:
             raise ManifestError(
                 f"{path}: unsupported manifest format {suffix!r}; use .parquet, .csv or .jsonl"
             )
-    except pa.ArrowInvalid as exc:
-        raise ManifestError(f"{path}: cannot parse manifest: {exc}") from exc
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+        names = table.column_names
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ManifestError(f"{path}: duplicate column name(s) {dup}")
+        return {name: table.column(name).to_pylist() for name in names}
+    except ManifestError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:  # Arrow*Error, undecodable names or values
+        raise ManifestError(f"{path}: cannot parse manifest: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, UnicodeError) else str(exc)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -167,9 +181,14 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
             if value is None or (isinstance(value, str) and not value.strip()):
                 continue
             if c == "text":
-                media[c] = str(value)
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", "surrogateescape")  # refused per sample if not UTF-8
+                else:
+                    value = str(value)
+                if value.strip():
+                    media[c] = value
                 continue
-            if not isinstance(value, str):
+            if not isinstance(value, str) or "\0" in value:
                 raise ManifestError(f"{path}: row {row}, column {c!r}: expected a path, got {value!r}")
             resolved = _resolve(value, base)
             if check_files and "://" not in resolved:

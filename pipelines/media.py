@@ -2,8 +2,16 @@
 
 One loader per modality and ``decode(modality, source, request)``, which passes an
 extractor's ``decode_request()`` to the loader. Sources are local paths, ``file://`` URLs
-or any fsspec URL (``s3://``, ``http://``...; those are read into memory first). Every
-failure raises ``MediaError("{source}: ...")``, never a library's own exception.
+or any fsspec URL (``s3://``, ``http://``...; those are read into memory first, within
+``timeout`` seconds, default ``REMOTE_TIMEOUT_S``). Every failure raises
+``MediaError("{source}: ...")``, never a library's own exception.
+
+What counts as broken: empty files, truncated files (images and videos by their decoders,
+WAV by its data chunk's declared length), images over ``MAX_IMAGE_PIXELS`` (refused from the
+header, before any pixel is decoded), videos without a decodable frame, audio with NaN or
+Inf samples after decoding (refused, never repaired), text that is not valid UTF-8 (the
+manifest keeps undecodable bytes as surrogate escapes, refused here). Silent audio is valid
+audio: every audio extractor turns it into finite features (dB floors, no division by energy).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import struct
+import threading
 import warnings
 from typing import Any
 
@@ -20,27 +30,66 @@ from features.errors import ConfigError, MediaError
 from features.video import evenly_spaced
 
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard: refuse larger images before decoding
+REMOTE_TIMEOUT_S = 60.0  # a remote read that takes longer is a per-sample error, not a hung run
 
 
 def _is_remote(source: str) -> bool:
     return "://" in source and not source.startswith("file://")
 
 
-def _open_source(source: str | os.PathLike) -> str | io.BytesIO:
+def _remote_options(source: str, timeout: float) -> dict:
+    """fsspec options that make the filesystem itself give up after ``timeout`` seconds."""
+    if source.split("://", 1)[0] in ("http", "https"):
+        try:
+            import aiohttp
+        except ImportError:  # fsspec's HTTP filesystem needs it; its own error says so
+            return {}
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout)}}
+    return {}
+
+
+def _read_remote(source: str, timeout: float) -> bytes:
+    """The bytes of an fsspec URL, or MediaError; never waits longer than ``timeout`` seconds.
+
+    The read runs in a daemon thread: a filesystem without its own timeout (or one that
+    ignores it) cannot hang the run; the abandoned thread ends with its connection.
+    """
+    import fsspec
+
+    result: dict = {}
+
+    def fetch() -> None:
+        try:
+            with fsspec.open(source, "rb", **_remote_options(source, timeout)) as f:
+                result["data"] = f.read()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=fetch, name="modalstore-remote-read", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise MediaError(
+            f"{source}: timed out after {timeout:g} s reading a remote file (no answer); "
+            "check the server or raise the remote timeout"
+        )
+    exc = result.get("error")
+    if isinstance(exc, FileNotFoundError):
+        raise MediaError(f"{source}: file not found") from exc
+    if isinstance(exc, TimeoutError) or type(exc).__name__ in ("ServerTimeoutError", "TimeoutError"):
+        raise MediaError(f"{source}: timed out after {timeout:g} s reading a remote file ({_describe(exc)})")
+    if exc is not None:
+        raise MediaError(f"{source}: cannot read ({_describe(exc)})") from exc
+    return result["data"]
+
+
+def _open_source(source: str | os.PathLike, timeout: float | None = None) -> str | io.BytesIO:
     """A checked local path, or the bytes of a remote URL in memory (seekable, re-readable)."""
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
         raise MediaError(f"{source!r}: expected a non-empty path or URL")
     source = os.fspath(source)
     if _is_remote(source):
-        try:
-            import fsspec
-
-            with fsspec.open(source, "rb") as f:
-                data = f.read()
-        except FileNotFoundError as exc:
-            raise MediaError(f"{source}: file not found") from exc
-        except Exception as exc:
-            raise MediaError(f"{source}: cannot read ({_describe(exc)})") from exc
+        data = _read_remote(source, REMOTE_TIMEOUT_S if timeout is None else timeout)
         if not data:
             raise MediaError(f"{source}: file is empty (0 bytes)")
         return io.BytesIO(data)
@@ -64,11 +113,13 @@ def _failed(source: Any, what: str, exc: BaseException) -> MediaError:
     return MediaError(f"{os.fspath(source)}: {what} ({_describe(exc)})")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, timeout: float | None = None
+) -> np.ndarray:
     """uint8 (height, width, 3) RGB; EXIF orientation applied, first frame of animations."""
     from PIL import Image, ImageOps
 
-    src = _open_source(path)
+    src = _open_source(path, timeout)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -83,6 +134,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
                 rgb = np.asarray(img.convert("RGB"))
     except MediaError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires inside Image.open, before our check can read the size.
+        raise MediaError(
+            f"{os.fspath(path)}: image exceeds the pixel limit (possible decompression bomb): {exc}"
+        ) from exc
     except Exception as exc:
         raise _failed(path, "cannot decode image", exc) from exc
     if rgb.size == 0:
@@ -90,13 +146,16 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> np.ndarray:
+def load_audio(
+    path: str | os.PathLike, sample_rate: int | None = None, timeout: float | None = None
+) -> np.ndarray:
     """float32 (samples,) mono at ``sample_rate`` (None: the file's own rate).
 
     librosa first (soundfile: wav/flac/ogg; audioread: mp3/m4a), then PyAV for anything
     else FFmpeg reads, including the audio track of a video file.
     """
-    src = _open_source(path)
+    src = _open_source(path, timeout)
+    _check_wav_complete(src, path)
     try:
         y = _librosa_load(src, sample_rate)
     except Exception as first:
@@ -113,6 +172,42 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> np.nd
     if not np.isfinite(y).all():
         raise MediaError(f"{os.fspath(path)}: audio contains NaN or Inf samples")
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _check_wav_complete(src: str | io.BytesIO, path: Any) -> None:
+    """Refuse a WAV whose data chunk declares more bytes than the file holds.
+
+    libsndfile reads such a file without complaint, shortened: a cut download or copy would
+    be stored as a shorter sound. Other formats rely on their decoders to notice.
+    """
+    fh = src if isinstance(src, io.BytesIO) else open(src, "rb")
+    try:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(0)
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        pos = 12
+        for _ in range(1000):  # chunk headers; a real WAV has a handful
+            fh.seek(pos)
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return
+            cid, csize = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                available = size - pos - 8
+                if csize not in (0, 0xFFFFFFFF) and csize > available:  # 0 / max: streamed, length unknown
+                    raise MediaError(
+                        f"{os.fspath(path)}: truncated WAV: its data chunk declares {csize:,} bytes, "
+                        f"the file holds {available:,}"
+                    )
+                return
+            pos += 8 + csize + (csize & 1)
+    finally:
+        if fh is src:
+            fh.seek(0)
+        else:
+            fh.close()
 
 
 def _librosa_load(src: str | io.BytesIO, sample_rate: int | None) -> np.ndarray:
@@ -159,6 +254,7 @@ def load_video(
     max_frames: int | None = None,
     fps: float | None = None,
     num_frames: int | None = None,
+    timeout: float | None = None,
 ) -> np.ndarray:
     """uint8 (frames, height, width) if ``gray`` else (frames, height, width, 3) RGB.
 
@@ -183,7 +279,7 @@ def load_video(
         raise ConfigError(f"load_video: num_frames must be >= 1 or None, got {num_frames}")
     if num_frames and max_frames and num_frames > max_frames:
         raise ConfigError(f"load_video: num_frames ({num_frames}) exceeds max_frames ({max_frames})")
-    src = _open_source(path)
+    src = _open_source(path, timeout)
     fmt = "gray" if gray else "rgb24"
 
     def convert(frame) -> np.ndarray:
@@ -260,25 +356,42 @@ class _FpsSampler:
         return True
 
 
-def load_text(text: Any) -> str:
-    """Inline text passes through; it must be a non-empty str."""
+def load_text(text: Any, timeout: float | None = None) -> str:
+    """Inline text passes through; it must be a non-empty str of valid UTF-8.
+
+    The manifest reader keeps bytes that are not UTF-8 as surrogate escapes (U+DC80-U+DCFF);
+    such text is refused here, per sample, naming the first bad byte.
+    """
     if not isinstance(text, str) or not text.strip():
         raise MediaError(f"{text!r}: text must be a non-empty str")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"{bad!r}"
+        shown = text[: min(len(text), 40)].encode("utf-8", "backslashreplace").decode("ascii", "replace")
+        raise MediaError(
+            f"{shown!r}: text is not valid UTF-8 ({byte} at character {exc.start}); "
+            "re-encode the manifest as UTF-8"
+        ) from None
     return text
 
 
 _LOADERS = {"image": load_image, "audio": load_audio, "video": load_video, "text": load_text}
 
 
-def decode(modality: str, source: str, request: dict | None = None) -> Any:
-    """Decode ``source`` for ``modality`` with an extractor's ``decode_request()`` as options."""
+def decode(modality: str, source: str, request: dict | None = None, timeout: float | None = None) -> Any:
+    """Decode ``source`` for ``modality`` with an extractor's ``decode_request()`` as options.
+
+    ``timeout``: seconds a remote source may take to read (None: ``REMOTE_TIMEOUT_S``).
+    """
     try:
         loader = _LOADERS[modality]
     except KeyError:
         raise ConfigError(f"unknown modality {modality!r}; available: {sorted(_LOADERS)}") from None
     request = dict(request or {})
-    allowed = list(inspect.signature(loader).parameters)[1:]
+    allowed = [p for p in list(inspect.signature(loader).parameters)[1:] if p != "timeout"]
     unknown = sorted(set(request) - set(allowed))
     if unknown:
         raise ConfigError(f"decode request for {modality!r} has unknown key(s) {unknown}; allowed: {allowed}")
-    return loader(source, **request)
+    return loader(source, **request, timeout=timeout)

@@ -4,7 +4,12 @@ A shard is a plain tar file readable by ``webdataset.WebDataset``: for every sam
 ``<key>.json`` member (key, label, split, present) and one ``<key>.<field>.npy`` member per
 feature field. Headers are deterministic (mtime 0, uid 0, mode 0644) so the same inputs
 give byte-identical shards, and each shard is written to a temporary name and renamed
-only when complete, so a crash never leaves a shard that looks finished.
+only when complete, so a crash never leaves a shard that looks finished: a write error
+(a full disk) removes the temporary file and raises ``StoreError`` naming the shard.
+
+``member_problem`` is the one rule for what a shard read from elsewhere may contain: regular
+files with relative names, none larger than ``MAX_MEMBER_BYTES``; readers check every member
+header against it before reading the payload.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.errors import StoreError
 from pipelines.manifest import SPLITS, Sample, sha256_file  # noqa: F401  (re-exported)
 
 
@@ -72,6 +78,41 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# Readers refuse larger members before reading them: a shard from elsewhere must not make a
+# reader allocate whatever its header claims. Big enough for an hour of STFT frames.
+MAX_MEMBER_BYTES = 1 << 30
+
+
+def member_problem(info: tarfile.TarInfo, max_bytes: int | None = None) -> str | None:
+    """Why a tar member may not be read (None: it may): only what ``ShardWriter`` writes passes.
+
+    Links, directories and devices, absolute names, ``..`` components and members over
+    ``max_bytes`` (default ``MAX_MEMBER_BYTES``) are refused, from the header alone.
+    """
+    limit = MAX_MEMBER_BYTES if max_bytes is None else max_bytes
+    if info.issym() or info.islnk():
+        return f"is a {'symbolic' if info.issym() else 'hard'} link (to {info.linkname!r}); links are refused"
+    if not info.isreg():
+        return f"is not a regular file (tar type {info.type!r}); only regular files are allowed"
+    name = info.name
+    if name.startswith(("/", "\\")):
+        return "has an absolute path; member names must be relative"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "has a '..' path component; member names must stay inside the shard"
+    if info.size > limit:
+        return f"is {info.size:,} bytes, over the limit of {limit:,} (refused before reading)"
+    return None
+
+
+def write_error(path: Path, exc: OSError) -> StoreError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return StoreError(
+        f"{path}: cannot write ({reason}); its temporary file was removed, nothing was published "
+        "under this name. Free disk space (or fix the cause) and run the same command again: "
+        "finished shards are kept and the run resumes"
+    )
+
+
 @dataclass
 class MemberRecord:
     """Where one member's payload lives inside a shard: for random access without parsing."""
@@ -90,9 +131,13 @@ class ShardWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = open(self.tmp, "wb")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.tmp, "wb")
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise write_error(self.path, exc) from exc
         self._hash = hashlib.sha256()
         self._tar = tarfile.open(
             fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.GNU_FORMAT
@@ -106,7 +151,11 @@ class ShardWriter:
         info.mode = 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        try:
+            self._tar.addfile(info, io.BytesIO(data))
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from exc
         padded = (len(data) + 511) // 512 * 512
         self.members.append(MemberRecord(name, self._tar.offset - padded, len(data)))
 
@@ -117,17 +166,24 @@ class ShardWriter:
 
     def close(self) -> tuple[int, str]:
         """Finish the tar, fsync, rename into place; return (bytes, sha256 hex)."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            size = self._file.tell()
+            self._file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from exc
         return size, self._hash.hexdigest()
 
     def abort(self) -> None:
+        """Remove the temporary file; nothing appears at ``path``."""
         try:
             self._file.close()
+        except OSError:
+            pass  # flushing after a write error fails again; the first error is being raised
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -158,5 +214,9 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from exc

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from features.errors import StoreError
 from features.spec import FieldSpec
-from pipelines.shards import write_atomic
+from pipelines.shards import write_atomic, write_error
 
 STORE_FILE = "store.json"
 # Small row groups (rows are in shard order) let a point lookup by key or shard decode one
@@ -78,8 +78,12 @@ def write_catalog(store: str | Path, plans, tasks, parts: dict, fit_errors: dict
         else:
             table = pa.table({})
         tmp = cat / f".{name}.parquet.tmp"
-        pq.write_table(table, tmp, row_group_size=CATALOG_ROW_GROUP)
-        os.replace(tmp, cat / f"{name}.parquet")
+        try:
+            pq.write_table(table, tmp, row_group_size=CATALOG_ROW_GROUP)
+            os.replace(tmp, cat / f"{name}.parquet")
+        except OSError as exc:  # e.g. a full disk: no half table under the final name
+            tmp.unlink(missing_ok=True)
+            raise write_error(cat / f"{name}.parquet", exc) from exc
 
 
 def write_store_manifest(store: str | Path, body: dict) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.inspect import read_columns
+from pipelines.shards import member_problem
 from pipelines.store import Store, open_store
 from pipelines.versions import list_versions
 
@@ -293,18 +294,22 @@ def _read_headers(
     at least the two zero blocks of the end-of-archive marker.
     """
     headers: list[tuple[str, int, int]] = []
+    unsafe: list[tuple[str, str]] = []
     try:
         tar = tarfile.open(fileobj=reader, mode="r|", bufsize=BLOCK)
         for info in tar:
             headers.append((info.name, info.offset_data, info.size))
+            problem = _member_safety(tar, info)
+            if problem is not None:
+                unsafe.append(problem)
         end = tar.offset
     except tarfile.ReadError as exc:
         msg = str(exc)
         kind = "truncated" if ("unexpected end" in msg or "empty file" in msg) else "corrupt"
         where = f" after member {headers[-1][0]!r}" if headers else ""
-        return headers, [(kind, f"tar read failed{where}: {msg}")]
+        return headers, [*unsafe, (kind, f"tar read failed{where}: {msg}")]
     except (tarfile.TarError, EOFError, ValueError) as exc:
-        return headers, [("corrupt", f"tar read failed: {type(exc).__name__}: {exc}")]
+        return headers, [*unsafe, ("corrupt", f"tar read failed: {type(exc).__name__}: {exc}")]
     with open(path, "rb") as f:  # the trailer is small and was just read: cheap
         f.seek(end)
         tail, nonzero = 0, None
@@ -317,20 +322,72 @@ def _read_headers(
     if nonzero is not None:
         if size - end < 512:
             return headers, [
+                *unsafe,
                 (
                     "truncated",
                     f"file ends {size - end} bytes into the tar header at byte {end} ({len(headers)} members before it)",
-                )
+                ),
             ]
         return headers, [
+            *unsafe,
             (
                 "corrupt",
                 f"damaged tar header at byte {end} after {len(headers)} members: data follows at byte {nonzero}",
-            )
+            ),
         ]
     if tail < 1024:
-        return headers, [("truncated", f"no end-of-archive marker after byte {end} ({len(headers)} members)")]
-    return headers, []
+        return headers, [
+            *unsafe,
+            ("truncated", f"no end-of-archive marker after byte {end} ({len(headers)} members)"),
+        ]
+    return headers, unsafe
+
+
+def _member_safety(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """A member the loader and ``get`` would refuse, as a (kind, detail) problem, from its header.
+
+    ``unsafe_member``: a link, not a regular file, an absolute or ``..`` name, oversized;
+    ``disallowed_member``: an extension other than ``.npy`` and ``.json`` (``.pkl``, ``.pyd``...);
+    ``pickle_member``: a ``.npy`` whose header declares Python objects (it would need pickle).
+    """
+    problem = member_problem(info)
+    if problem is not None:
+        return "unsafe_member", f"member {info.name!r} {problem}"
+    suffix = os.path.basename(info.name).partition(".")[2].lower()
+    if suffix != "json" and not suffix.endswith("npy"):
+        return (
+            "disallowed_member",
+            f"member {info.name!r}: extension {suffix!r} is not allowed (only .npy and .json)",
+        )
+    if suffix.endswith("npy"):
+        head = tar.extractfile(info).read(min(info.size, 12 + _NPY_MAX_HEADER))
+        problem = _npy_problem(head)
+        if problem is not None:
+            return "pickle_member" if "object" in problem else "corrupt", f"member {info.name!r}: {problem}"
+    return None
+
+
+_NPY_MAX_HEADER = 10000  # np.load's max_header_size when allow_pickle=False
+
+
+def _npy_problem(head: bytes) -> str | None:
+    """Why a ``.npy`` payload that starts with ``head`` cannot be loaded without pickle."""
+    import io
+
+    import numpy as np
+
+    fp = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            _, _, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=_NPY_MAX_HEADER)
+        else:
+            _, _, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=_NPY_MAX_HEADER)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is a finding, not a crash
+        return f"not a readable .npy header ({type(exc).__name__}: {exc})"
+    if dtype.hasobject:
+        return f"a .npy array of Python objects (dtype {dtype}); it would need pickle to load"
+    return None
 
 
 def _compare_keys(exp: _Expected, headers: list[tuple[str, int, int]]) -> list[Problem]:

@@ -123,8 +123,8 @@ def load_part(store: Path, group: str, version: str, plan: ShardPlan) -> dict | 
         part = _from_jsonable(json.loads(path.read_text()))
     except ValueError:
         return None
-    if part.get("rows") != rows_hash(plan):
-        return None
+    if part.get("failed") or part.get("rows") != rows_hash(plan):
+        return None  # placeholders of a shard whose task kept crashing are retried
     tar = shard_dir(store, group, version) / f"{plan.name}.tar"
     if not tar.exists() or tar.stat().st_size != part["file"]["bytes"]:
         return None
