@@ -74,14 +74,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print(f"  error: {row['key']} [{row['group']}/{row['stage']}] {row['error_type']}: {row['message']}")
     if len(summary.error_rows) > 10:
         print(f"  ... {len(summary.error_rows) - 10} more in {summary.store}/catalog/errors.parquet")
-    return 0
+    return 1 if summary.failed_shards else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from fusion.train import load_train_config, train_all
 
-    config = load_train_config(args.config, args.set)
-    runs = train_all(config, progress=not args.quiet)
+    overrides = list(args.set or [])
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
+    config = load_train_config(args.config, overrides)
+    runs = train_all(config, progress=not args.quiet, resume=args.resume)
     for run in runs:
         print(f"trained {run}")
     return 0
@@ -91,10 +94,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusion.evaluate import evaluate_all, evaluate_run
 
     path = Path(args.run)
+    robust = not args.no_robustness
     if (path / "checkpoint.pt").exists():
-        results = [evaluate_run(path, split=args.split)]
+        results = [evaluate_run(path, split=args.split, robustness=robust)]
     else:
-        results = evaluate_all(path, split=args.split)
+        results = evaluate_all(path, split=args.split, robustness=robust)
     for m in results:
         print(
             f"{m['run']:<24} acc {m['accuracy']:.3f}  macro-recall {m['macro_recall']:.3f}  "
@@ -106,7 +110,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fusion.report import write_report
 
-    print(write_report(args.runs_dir))
+    print(write_report(*args.runs_dirs, out_dir=args.out))
+    return 0
+
+
+def _cmd_av_digits(args: argparse.Namespace) -> int:
+    from pipelines.datasets import make_av_digits
+
+    manifest = make_av_digits(
+        args.out,
+        args.fsdd,
+        args.mnist,
+        test_speaker=args.test_speaker,
+        val_fraction=args.val_fraction,
+        max_per_digit=args.max_per_digit,
+        image_pca_energy=args.image_pca_energy,
+        audio_snr_db=args.audio_snr_db,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(f"wrote av-digits; manifest: {manifest}")
     return 0
 
 
@@ -262,20 +285,61 @@ def build_parser() -> argparse.ArgumentParser:
         "train fusion models and unimodal baselines on a store",
         _cmd_train,
         'Train every model listed in the config ("unimodal" expands to one baseline per group); '
-        "each run writes config.yaml, checkpoint.pt and log.jsonl under runs_dir/<run>/.",
+        "each run writes config.yaml, last.pt (every epoch, for --resume), checkpoint.pt (best "
+        "validation epoch), log.jsonl and steps.jsonl under runs_dir/<run>/.",
     )
     p.add_argument("config", help="training YAML config (see configs/train_demo.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. epochs=5")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run from its last.pt (the last finished epoch); finished runs are skipped",
+    )
+    p.add_argument(
+        "--seeds", type=int, metavar="N", help="train every run with N seeds (mean ± std in the report)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("evaluate", "compute accuracy, macro recall and macro F1 into metrics.json", _cmd_evaluate)
+    p = add(
+        "evaluate",
+        "accuracy, precision/recall/F1, confusion matrix and missing-modality robustness into metrics.json",
+        _cmd_evaluate,
+    )
     p.add_argument("run", help="a run folder (with checkpoint.pt) or a folder of runs")
     p.add_argument(
         "--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)"
     )
+    p.add_argument("--no-robustness", action="store_true", help="skip the masked/noisy-modality evaluations")
 
-    p = add("report", "write runs_dir/report.md comparing every evaluated run", _cmd_report)
-    p.add_argument("runs_dir", help="folder of evaluated runs")
+    p = add("report", "write report.md comparing every evaluated run of one or more folders", _cmd_report)
+    p.add_argument("runs_dirs", nargs="+", metavar="RUNS_DIR", help="folder(s) of evaluated runs")
+    p.add_argument("--out", help="folder for report.md and its plots (default: the first RUNS_DIR)")
+
+    p = sub.add_parser(
+        "datasets", help="build a real-data dataset (media + manifest) from downloaded sources"
+    )
+    recipes = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+    p = recipes.add_parser(
+        "av-digits",
+        help="audio-visual digits: FSDD spoken digits paired with MNIST images by label",
+        description="Pair every FSDD recording with an MNIST image of the same digit (disjoint image "
+        "pools per split); test = FSDD recordings 0-4, or one held-out speaker. Optional AV-MNIST-style "
+        "degradation: image PCA energy removal, audio noise. Writes images/, audio/, manifest.csv, "
+        "dataset.json.",
+    )
+    p.set_defaults(func=_cmd_av_digits)
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--fsdd", default="../shared/data/fsdd", help="FSDD folder (with recordings/)")
+    p.add_argument("--mnist", default="../shared/data/mnist-t10k", help="folder of MNIST IDX .gz files")
+    p.add_argument("--test-speaker", help="hold out this speaker as the test split (default: recordings 0-4)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="of the non-test recordings (default 0.1)")
+    p.add_argument("--max-per-digit", type=int, help="at most N recordings per digit and split")
+    p.add_argument(
+        "--image-pca-energy", type=float, default=0.0, help="PCA energy removed from images (AV-MNIST: 0.75)"
+    )
+    p.add_argument("--audio-snr-db", type=float, help="mix white noise into the audio at this SNR")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("extractors", "list every extractor with its parameters and defaults", _cmd_extractors)
     p.add_argument("--json", action="store_true", help="machine-readable output")

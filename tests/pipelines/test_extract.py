@@ -189,71 +189,11 @@ def test_train_statistics_equal_numpy_over_all_train_arrays(tiny_store, group, f
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A real cluster: `dask scheduler` and two `dask worker` processes, one with GPU=1."""
-    import os
-    import subprocess
-    import sys
-    import time
-
+    from cluster_fixtures import dask_cluster as start
     from distributed import Client
 
-    bindir = os.path.dirname(sys.executable)
-    sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen(
-            [
-                f"{bindir}/dask",
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(sched_file),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    try:
-        for _ in range(300):
-            if sched_file.exists():
-                break
-            time.sleep(0.1)
-        common = [
-            f"{bindir}/dask",
-            "worker",
-            "--scheduler-file",
-            str(sched_file),
-            "--nthreads",
-            "1",
-            "--no-dashboard",
-            "--host",
-            "127.0.0.1",
-        ]
-        procs.append(
-            subprocess.Popen(
-                [*common, "--name", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [*common, "--name", "gpu", "--resources", "GPU=1"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        with Client(scheduler_file=str(sched_file)) as client:
-            client.wait_for_workers(2, timeout=120)
-            yield client
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+    with start(tmp_path, {"cpu": [], "gpu": ["--resources", "GPU=1"]}) as address, Client(address) as client:
+        yield client
 
 
 @pytest.mark.cluster
