@@ -15,7 +15,7 @@ RUNS    := runs/demo
 EXTRACT_CONFIG := configs/extract_demo.yaml
 TRAIN_CONFIG   := configs/train_demo.yaml
 # Outputs are out of date when the code that made them changed, not only their inputs.
-EXTRACT_CODE := $(wildcard features/*.py) $(filter-out pipelines/demo_data.py,$(wildcard pipelines/*.py))
+EXTRACT_CODE := $(wildcard features/*.py) $(filter-out pipelines/demo_data.py pipelines/datasets.py,$(wildcard pipelines/*.py))
 TRAIN_CODE   := $(wildcard fusion/*.py)
 PYTEST_ARGS ?=
 
@@ -77,6 +77,8 @@ bench: $(STORE)/store.json
 	$(BIN)/python benchmarks/fsdd_mfcc.py
 	$(BIN)/python benchmarks/store_catalog.py
 	$(BIN)/python benchmarks/gpu_loader.py --store $(STORE)
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/driver_memory.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
