@@ -78,7 +78,7 @@ def build_store(root: Path, n: int) -> Path:
     fields = {"emb": {"dtype": "float16", "shape": [512]}, "mfcc": {"dtype": "float16", "shape": [None, 40]}}
     meta = {
         "format": "modalstore",
-        "format_version": 1,
+        "format_version": 2,
         "classes": [str(c) for c in range(16)],
         "splits": {"train": {"samples": n, "shards": shards, "shard_samples": counts}},
         "groups": {"syn": {"fields": fields, "dir": "shards/syn"}},

@@ -112,7 +112,7 @@ def build(root: Path, n: int) -> str:
         json.dumps(
             {
                 "format": "modalstore",
-                "format_version": 1,
+                "format_version": 2,
                 "classes": [str(c) for c in range(16)],
                 "manifest": {"path": "synthetic", "sha256": "0" * 64, "rows": n},
                 "splits": split_meta,

@@ -194,6 +194,11 @@ def open_store(path: str | Path) -> Store:
         raise StoreError(f"{meta_path}: corrupt store manifest: {exc}") from exc
     if meta.get("format") != "modalstore":
         raise StoreError(f"{meta_path}: not a modalstore store manifest")
+    if meta.get("format_version", 0) < FORMAT_VERSION:
+        raise StoreError(
+            f"{meta_path}: store format {meta.get('format_version')} predates group versions "
+            f"(format {FORMAT_VERSION}); re-extract it: modalstore extract CONFIG --overwrite"
+        )
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise StoreError(
             f"{meta_path}: store format {meta['format_version']} is newer than this modalstore "
