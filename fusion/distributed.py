@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -95,6 +94,22 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     return device
 
 
+class _AllSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is again the sum over ranks (every rank's loss uses the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics are those of the global batch across all ranks.
 
@@ -118,12 +133,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
         xf = x.float()
-        total = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]))  # (features + 1,)
+        total = _AllSum.apply(torch.cat([xf.sum(dims), count]))  # (features + 1,)
         n = total[-1]
         if n.item() < 2:
             return self._fallback(x)
         mean = total[:-1] / n
-        sq = dist_fn.all_reduce(((xf - mean.view(shape)) ** 2).sum(dims))
+        sq = _AllSum.apply(((xf - mean.view(shape)) ** 2).sum(dims))
         var = sq / n  # biased, used to normalise; the running estimate is unbiased
         if self.track_running_stats:
             with torch.no_grad():

@@ -10,7 +10,8 @@ One ``TrainConfig`` (YAML) plans several runs: ``models: [late_fusion, unimodal]
   epoch, best score, early-stopping counter, config): ``resume=True`` continues from it and
   ends with the same weights as an uninterrupted run (CPU, deterministic);
 - ``checkpoint.pt``: the best epoch by the validation ``monitor``;
-- ``log.jsonl`` (one line per epoch) and ``steps.jsonl`` (one line per optimiser step).
+- ``log.jsonl`` (one line per epoch) and ``steps.jsonl`` (one line per optimiser step);
+- with ``log_keys``, ``keys.rank<R>.jsonl``: the sample keys of every batch rank R trained on.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop trains data-parallel: each rank streams
 its slice of every step's global batch, gradients (and batch-norm statistics) are averaged
@@ -343,7 +344,7 @@ def train_one(
         objective = torch.nn.parallel.DistributedDataParallel(
             objective,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,  # e.g. the classifier head while pretraining
+            find_unused_parameters=pretrain_epochs > 0,  # the classifier head waits while pretraining
         )
     keys_path = out_dir / f"keys.rank{world.rank}.jsonl"
     if config.log_keys:
