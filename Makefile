@@ -32,7 +32,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[text,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[text,remote,dev]'
 	@touch $@
 
 setup: $(STAMP)
@@ -72,7 +72,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STORE)/store.json
-	$(BIN)/python -m pip install --quiet -e '.[text,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[text,remote,dev,bench]'
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/fsdd_mfcc.py
 	$(BIN)/python benchmarks/store_catalog.py

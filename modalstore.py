@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"seeds={args.seeds}")
     config = load_train_config(args.config, overrides)
     runs = train_all(config, progress=not args.quiet, resume=args.resume)
-    for run in runs:
-        print(f"trained {run}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line per run, not per rank
+        for run in runs:
+            print(f"trained {run}")
     return 0
 
 

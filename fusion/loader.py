@@ -51,6 +51,7 @@ from fusion.shard_reader import (
     load_member_index,
 )
 from pipelines.lookup import decode_member
+from pipelines.storage import is_url
 from pipelines.store import open_store
 
 STATE_VERSION = 1  # of StreamingLoader.state_dict()
@@ -441,7 +442,7 @@ class ShardStream(IterableDataset):
         members = None
         if self.members is not None:
             members = {g: self.members[g, shard] for g in self.paths if (g, shard) in self.members}
-        paths = {g: Path(p[shard]) for g, p in self.paths.items()}
+        paths = {g: p[shard] if is_url(p[shard]) else Path(p[shard]) for g, p in self.paths.items()}
         return JoinedShard(shard, paths, members, self._expected[shard])
 
     def __iter__(self) -> Iterator[dict]:

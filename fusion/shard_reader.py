@@ -24,6 +24,7 @@ from webdataset.tariterators import group_by_keys
 from features.errors import ShardFormatError, StoreError
 from pipelines import shards as shard_format
 from pipelines.lookup import NPY_MAX_HEADER, decode_member  # the rules shared with `get`
+from pipelines.storage import is_url, open_url, read_url, url_size
 from pipelines.store import Store
 
 _BLOCK = 512  # tar header and padding unit
@@ -44,12 +45,13 @@ def iter_group_shard(path: Path) -> Iterator[dict]:
     absolute or ``..`` names, oversized members), and the tar must end with its end-of-archive
     blocks: ``tarfile`` stops silently at a cut or damaged header, which would drop samples.
     """
-    yield from group_by_keys(_checked_members(Path(path)))
+    yield from group_by_keys(_checked_members(path))
 
 
-def _open_shard(path: Path):
+def _open_shard(path: Path | str):
+    """A local shard file, or an fsspec URL (a remote store)."""
     try:
-        return open(path, "rb")
+        return open_url(str(path))
     except FileNotFoundError:
         raise StoreError(f"{path}: shard file missing; run modalstore verify") from None
 
@@ -57,7 +59,7 @@ def _open_shard(path: Path):
 def _checked_members(path: Path) -> Iterator[dict]:
     last = None
     with _open_shard(path) as f:
-        size = os.fstat(f.fileno()).st_size
+        size = url_size(str(path)) if is_url(str(path)) else os.fstat(f.fileno()).st_size
         try:
             tar = tarfile.open(fileobj=f, mode="r|")
             for info in tar:
@@ -143,6 +145,11 @@ def load_member_index(
 
 def _map_file(path: Path):
     """The whole file as a read-only buffer: an mmap (no copy into our memory), else bytes."""
+    if is_url(str(path)):  # a remote store: the whole object in one request
+        try:
+            return read_url(str(path))
+        except FileNotFoundError:
+            raise StoreError(f"{path}: shard file missing; run modalstore verify") from None
     with _open_shard(path) as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

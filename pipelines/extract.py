@@ -27,8 +27,9 @@ from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
-from pipelines.shards import ShardPlan, ShardWriter, plan_shards, write_atomic
-from pipelines.stats import field_moments, finalize, merge_moments, save_stats
+from pipelines.shards import ShardPlan, ShardWriter, plan_shards
+from pipelines.stats import field_moments, finalize, merge_moments, stats_bytes
+from pipelines.storage import Location, read_url
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
 from pipelines.versions import (
     VERSIONS_DIR,
@@ -42,7 +43,7 @@ from pipelines.versions import (
     reuse_shard,
     rows_hash,
     save_part,
-    shard_dir,
+    shard_rel,
     write_group_meta,
 )
 
@@ -124,7 +125,7 @@ def _extractor(task: GroupTask):
     if ex is None:
         ex = create_extractor(task.extractor, task.params)
         if task.artifact is not None:
-            with np.load(task.artifact, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(read_url(task.artifact)), allow_pickle=False) as npz:
                 ex.load_artifact({k: npz[k] for k in npz.files})
         ex.setup()
         _pin_threads()  # setup may have imported torch or OpenCV
@@ -277,7 +278,9 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
             moments = {
                 f: field_moments([o[f] for o in outputs if o is not None], spec[f].variable) for f in spec
             }
-        path = shard_dir(Path(store), g.name, g.version) / f"{plan.name}.tar"
+        loc = Location(store)
+        rel = shard_rel(g.name, g.version, plan.name)
+        path = loc.staging_dir(rel) / f"{plan.name}.tar"
         with ShardWriter(path) as writer:
             for i, sample in enumerate(plan.samples):
                 meta = {
@@ -288,6 +291,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
                 }
                 writer.add_sample(sample.key, meta, outputs[i] or {})
             size, digest = writer.close()
+        _publish(loc, path, rel)
         part = {
             "group": g.name,
             "version": g.version,
@@ -307,11 +311,18 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
             "members": [[m.name, m.offset, m.size] for m in writer.members],
             "moments": moments,
         }
-        save_part(Path(store), part)
+        save_part(loc, part)
         parts[g.name] = part
         if not _later_uses(groups, g):  # free decoded media no later group needs
             decoded_cache = {k: v for k, v in decoded_cache.items() if k[0] != g.modality}
     return {"shard": plan.name, "parts": parts, "seconds": time.perf_counter() - t0}
+
+
+def _publish(loc: Location, path: Path, rel: str) -> None:
+    """Move a finished local shard to its place in the store (an upload for a remote store)."""
+    loc.put_file(path, rel)
+    if loc.remote:
+        shutil.rmtree(path.parent, ignore_errors=True)  # the staging folder
 
 
 def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc: BaseException) -> dict:
@@ -328,12 +339,16 @@ def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc
     )
     parts = {}
     for g in groups:
-        with ShardWriter(shard_dir(Path(store), g.name, g.version) / f"{plan.name}.tar") as writer:
+        loc = Location(store)
+        rel = shard_rel(g.name, g.version, plan.name)
+        path = loc.staging_dir(rel) / f"{plan.name}.tar"
+        with ShardWriter(path) as writer:
             for s in plan.samples:
                 writer.add_sample(
                     s.key, {"key": s.key, "label": s.label, "split": s.split, "present": False}, {}
                 )
             size, digest = writer.close()
+        _publish(loc, path, rel)
         errors = [
             {
                 "key": s.key,
@@ -365,7 +380,7 @@ def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc
             "members": [[m.name, m.offset, m.size] for m in writer.members],
             "moments": {},
         }
-        save_part(Path(store), part)
+        save_part(loc, part)
         parts[g.name] = part
     return {"shard": plan.name, "parts": parts, "seconds": 0.0}
 
@@ -439,17 +454,19 @@ def run_identity(plans: list[ShardPlan], tasks: tuple[GroupTask, ...]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def previous_layout(store: Path, samples_per_shard: int) -> dict[str, tuple[str, int]] | None:
+def previous_layout(loc: Location, samples_per_shard: int) -> dict[str, tuple[str, int]] | None:
     """The finished store's sample -> (shard, index) layout, when it used the same shard size."""
-    if not (store / STORE_FILE).exists():
+    if not loc.exists(STORE_FILE):
         return None
     try:
-        meta = json.loads((store / STORE_FILE).read_text())
+        meta = json.loads(loc.read_bytes(STORE_FILE))
         if meta.get("config", {}).get("samples_per_shard") != samples_per_shard:
             return None
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(store / "catalog" / "samples.parquet", columns=["key", "shard", "index"])
+        data = loc.read_bytes("catalog/samples.parquet")
+        table = pq.read_table(pa.BufferReader(data), columns=["key", "shard", "index"])
     except (OSError, ValueError, KeyError):
         return None  # an unreadable old store: plan afresh (the shards are recomputed, not trusted)
     cols = table.to_pydict()
@@ -482,7 +499,7 @@ def prepare(
         )
         tasks.append(task)
         metas[name] = group_meta(task, ex)
-    previous = previous_layout(Path(config.store), config.samples_per_shard) if incremental else None
+    previous = previous_layout(Location(config.store), config.samples_per_shard) if incremental else None
     plans = plan_shards(manifest.samples, config.samples_per_shard, previous)
     return manifest, plans, tuple(tasks), metas
 
@@ -495,7 +512,7 @@ def version_tasks(
     for task in tasks:
         art_sha = None
         if task.artifact is not None:
-            art_sha = hashlib.sha256(Path(task.artifact).read_bytes()).hexdigest()
+            art_sha = hashlib.sha256(read_url(task.artifact)).hexdigest()
         cfg = config_hash(
             task.extractor,
             get_extractor(task.extractor).version,
@@ -511,7 +528,12 @@ def version_tasks(
 
 
 def fit_groups(
-    store: Path, manifest: Manifest, tasks: tuple[GroupTask, ...], metas: dict, client=None, resources=None
+    store: Location,
+    manifest: Manifest,
+    tasks: tuple[GroupTask, ...],
+    metas: dict,
+    client=None,
+    resources=None,
 ) -> tuple[tuple[GroupTask, ...], dict[str, list[dict]]]:
     """Fit every fit-then-transform group on the TRAIN split only; save artifacts in the store.
 
@@ -539,7 +561,7 @@ def fit_groups(
                 result = client.submit(fit_group, task, train, key=dkey, resources=resources).result()
             digest = hashlib.sha256(result["npz"]).hexdigest()
             rel = f"artifacts/{task.name}-{digest[:16]}.npz"
-            write_atomic(store / rel, result["npz"])
+            store.write_bytes(rel, result["npz"])
             artifact = {
                 "path": rel,
                 "sha256": digest,
@@ -548,7 +570,8 @@ def fit_groups(
                 "fit_key": key,
             }
             errors[task.name] = result["errors"]
-        task = dataclasses.replace(task, artifact=str((store / artifact["path"]).resolve()))
+        path = store.join(artifact["path"])
+        task = dataclasses.replace(task, artifact=str(path if store.remote else path.resolve()))
         metas[task.name] = group_meta(task, _extractor(task), artifact)
         out.append(task)
     return tuple(out), errors
@@ -581,7 +604,9 @@ def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:
     return wanted
 
 
-def _check_error_budget(config: ExtractConfig, store: Path, manifest: Manifest, errors: list[dict]) -> None:
+def _check_error_budget(
+    config: ExtractConfig, store: Location, manifest: Manifest, errors: list[dict]
+) -> None:
     budget = config.error_budget(len(manifest))
     if len(errors) > budget:
         last = errors[-1]
@@ -593,19 +618,19 @@ def _check_error_budget(config: ExtractConfig, store: Path, manifest: Manifest, 
         )
 
 
-def _check_store_path(store: Path) -> None:
-    if store.exists() and any(store.iterdir()):
+def _check_store_path(store: Location) -> None:
+    if not store.is_empty():
         known = (STORE_FILE, VERSIONS_DIR, "shards")
-        if not any((store / name).exists() for name in known):
+        if not any(store.exists(name) for name in known):
             raise StoreError(
                 f"{store}: exists, is not empty and is not a modalstore store; choose another path"
             )
 
 
-def _wipe(store: Path) -> None:
+def _wipe(store: Location) -> None:
+    store.remove(STORE_FILE)  # first: a store without it is incomplete
     for sub in ("shards", "catalog", "artifacts", "stats", VERSIONS_DIR, ".extract"):
-        shutil.rmtree(store / sub, ignore_errors=True)
-    (store / STORE_FILE).unlink(missing_ok=True)
+        store.remove(sub)
 
 
 def run_extract(
@@ -620,7 +645,7 @@ def run_extract(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    store = Path(config.store)
+    store = Location(config.store)
     _check_store_path(store)
     manifest, plans, tasks, metas = prepare(config, incremental=not overwrite)
     if overwrite:
@@ -635,9 +660,7 @@ def run_extract(
             "dir": f"shards/{task.name}/{task.version}",
         }
     identity = run_identity(plans, tasks)
-    if (store / STORE_FILE).exists() and json.loads((store / STORE_FILE).read_text()).get(
-        "identity"
-    ) == identity:
+    if store.exists(STORE_FILE) and json.loads(store.read_bytes(STORE_FILE)).get("identity") == identity:
         return ExtractSummary(
             str(store), len(manifest), len(plans), 0, time.perf_counter() - t0, [], up_to_date=True
         )
@@ -684,7 +707,7 @@ def run_extract(
     bar = tqdm(
         total=len(plans), initial=len(plans) - len(todo), desc="extract", unit="shard", disable=not progress
     )
-    root = str(store.resolve())
+    root = str(store) if store.remote else str(store.path.resolve())
     if client is None:
         try:
             for plan, groups in todo:
@@ -740,11 +763,11 @@ def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_error
     failed = sorted({p.name for p in plans for t in tasks if parts[t.name][p.name].get("failed")})
     for task in tasks:
         stats_rel = f"{VERSIONS_DIR}/{task.name}/{task.version}/stats.npz"
-        partial = store / VERSIONS_DIR / task.name / task.version / "stats.partial"  # a shard failed
-        if not (store / stats_rel).exists() or partial.exists():
-            partial.unlink(missing_ok=True)
+        partial = f"{VERSIONS_DIR}/{task.name}/{task.version}/stats.partial"  # a shard failed
+        if not store.exists(stats_rel) or store.exists(partial):
+            store.remove(partial)
             if any(parts[task.name][p.name].get("failed") for p in plans):
-                partial.touch()
+                store.write_bytes(partial, b"")
             stats = {}
             for f in metas[task.name]["fields"]:
                 merged = None
@@ -753,8 +776,8 @@ def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_error
                 if merged is not None:
                     stats[f] = finalize(merged)
             if stats:
-                save_stats(store / stats_rel, stats)
-        if (store / stats_rel).exists():
+                store.write_bytes(stats_rel, stats_bytes(stats))
+        if store.exists(stats_rel):
             metas[task.name]["stats"] = {"path": stats_rel, "split": "train"}
     write_catalog(store, plans, tasks, parts, fit_errors)
     write_store_manifest(

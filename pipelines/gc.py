@@ -67,6 +67,11 @@ def config_versions(config_path: str | Path, store: Path) -> dict[str, str]:
 def plan_gc(path: str | Path, configs: list[str | Path] = ()) -> GcPlan:
     """What ``gc`` would remove from the store at ``path``, keeping active and configs' versions."""
     store = open_store(path)
+    if store.url is not None:
+        raise StoreError(
+            f"{store.url}: gc works on local stores only so far; list versions with "
+            "`modalstore inspect` and delete them with your object store's tools"
+        )
     root = store.root
     keep: dict[str, set[str]] = {g: {store.meta["groups"][g]["version"]} for g in store.groups}
     for cfg in configs:

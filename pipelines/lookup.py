@@ -22,6 +22,7 @@ import numpy as np
 from features.errors import ModalstoreError, ShardFormatError, StoreError
 from pipelines import shards as shard_format
 from pipelines.inspect import format_table, read_columns
+from pipelines.storage import open_url
 from pipelines.store import open_store
 
 _HEADER = 512
@@ -98,7 +99,7 @@ def _read_member(f, shard: str, name: str, offset: int, size: int) -> bytes:
             f"{shard}: member {name!r}: {size:,} bytes per the catalog, over the limit of "
             f"{shard_format.MAX_MEMBER_BYTES:,} (refused before reading)"
         )
-    end = os.fstat(f.fileno()).st_size
+    end = f.seek(0, os.SEEK_END)  # a local file or an fsspec one (remote store)
     if offset + size > end:
         raise ShardFormatError(
             f"{shard}: member {name!r}: catalog says bytes {offset}..{offset + size}, the shard has {end} "
@@ -173,7 +174,7 @@ def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> d
             )
         fields, meta = {}, None
         try:
-            f = open(store.shard_path(g, shard), "rb")
+            f = open_url(str(store.shard_path(g, shard)))
         except FileNotFoundError:
             raise StoreError(f"{store.root}: shard file {name} missing; run modalstore verify") from None
         with f:

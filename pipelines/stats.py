@@ -64,12 +64,17 @@ def finalize(moments: dict) -> dict[str, np.ndarray]:
     }
 
 
-def save_stats(path: str | Path, stats: dict[str, dict[str, np.ndarray]]) -> None:
-    """Write ``{field: {mean, std, min, max, count}}`` as one .npz (keys ``field.stat``)."""
+def stats_bytes(stats: dict[str, dict[str, np.ndarray]]) -> bytes:
+    """``{field: {mean, std, min, max, count}}`` as the bytes of one .npz (keys ``field.stat``)."""
     arrays = {f"{field}.{k}": v for field, s in stats.items() for k, v in s.items()}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_stats(path: str | Path, stats: dict[str, dict[str, np.ndarray]]) -> None:
+    """Write ``{field: {mean, std, min, max, count}}`` as one .npz file."""
+    write_atomic(path, stats_bytes(stats))
 
 
 def load_stats(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +48,17 @@ _SCHEMAS = {
 }
 
 
-def write_catalog(store: str | Path, plans, tasks, parts: dict, fit_errors: dict) -> None:
-    """Write the catalog tables of the active group versions (``parts``: group -> shard -> part)."""
+def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
+    """Write the catalog tables of the active group versions (``parts``: group -> shard -> part).
+
+    ``store``: a folder, URL or ``pipelines.storage.Location``.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cat = Path(store) / "catalog"
-    cat.mkdir(parents=True, exist_ok=True)
+    from pipelines.storage import Location
+
+    loc = store if isinstance(store, Location) else Location(store)
     samples, files, members = [], [], []
     errors = [e for t in tasks for e in fit_errors.get(t.name, [])]
     for plan in plans:
@@ -77,31 +82,40 @@ def write_catalog(store: str | Path, plans, tasks, parts: dict, fit_errors: dict
             table = pa.schema([pa.field(n, getattr(pa, t)()) for n, t in _SCHEMAS["errors"]]).empty_table()
         else:
             table = pa.table({})
-        tmp = cat / f".{name}.parquet.tmp"
+        rel = f"catalog/{name}.parquet"
+        tmp = loc.staging_dir(rel) / f".{name}.parquet.tmp"
         try:
             pq.write_table(table, tmp, row_group_size=CATALOG_ROW_GROUP)
-            os.replace(tmp, cat / f"{name}.parquet")
+            loc.put_file(tmp, rel)
         except OSError as exc:  # e.g. a full disk: no half table under the final name
             tmp.unlink(missing_ok=True)
-            raise write_error(cat / f"{name}.parquet", exc) from exc
+            raise write_error(Path(str(loc.join(rel))), exc) from exc
+        finally:
+            if loc.remote:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def write_store_manifest(store: str | Path, body: dict) -> None:
+def write_store_manifest(store, body: dict) -> None:
+    """Write ``store.json`` (last: it marks the store complete)."""
+    from pipelines.storage import Location
+
+    loc = store if isinstance(store, Location) else Location(store)
 
     meta = {
         "format": "modalstore",
         "format_version": FORMAT_VERSION,
         **body,
     }
-    write_atomic(Path(store) / STORE_FILE, json.dumps(meta, indent=2, sort_keys=False, default=str).encode())
+    loc.write_bytes(STORE_FILE, json.dumps(meta, indent=2, sort_keys=False, default=str).encode())
 
 
 @dataclass
 class Store:
     """Read side of a store: metadata, field specs, shard paths and catalog tables."""
 
-    root: Path
+    root: Path  # the store folder; for a remote store, a local copy of its metadata and catalog
     meta: dict
+    url: str | None = None  # a remote store's fsspec URL: shards are read from there
 
     @property
     def groups(self) -> list[str]:
@@ -148,8 +162,10 @@ class Store:
     def num_samples(self, split: str) -> int:
         return int(self.meta["splits"][split]["samples"])
 
-    def shard_path(self, group: str, shard: str) -> Path:
-        return self.root / self.meta["groups"][group]["dir"] / f"{shard}.tar"
+    def shard_path(self, group: str, shard: str) -> Path | str:
+        """The shard's local path, or its URL for a remote store."""
+        rel = f"{self.meta['groups'][group]['dir']}/{shard}.tar"
+        return f"{self.url}/{rel}" if self.url else self.root / rel
 
     def select(self, filter=None, split: str | None = None) -> list[str]:
         """Shards holding the samples that match, in store order, without rewriting data.
@@ -181,27 +197,71 @@ class Store:
         return pq.read_table(path)
 
 
-def open_store(path: str | Path) -> Store:
-    """Open a finished store; a missing or incomplete store is a StoreError."""
-    root = Path(path)
-    meta_path = root / STORE_FILE
-    if not meta_path.exists():
-        hint = " (extraction did not finish; run extract again)" if (root / "shards").exists() else ""
-        raise StoreError(f"{root}: not a modalstore store: {STORE_FILE} missing{hint}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{meta_path}: corrupt store manifest: {exc}") from exc
-    if meta.get("format") != "modalstore":
-        raise StoreError(f"{meta_path}: not a modalstore store manifest")
+def _check_meta(where: str, meta) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != "modalstore":
+        raise StoreError(f"{where}: not a modalstore store manifest")
     if meta.get("format_version", 0) < FORMAT_VERSION:
         raise StoreError(
-            f"{meta_path}: store format {meta.get('format_version')} predates group versions "
+            f"{where}: store format {meta.get('format_version')} predates group versions "
             f"(format {FORMAT_VERSION}); re-extract it: modalstore extract CONFIG --overwrite"
         )
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise StoreError(
-            f"{meta_path}: store format {meta['format_version']} is newer than this modalstore "
+            f"{where}: store format {meta['format_version']} is newer than this modalstore "
             f"understands ({FORMAT_VERSION}); upgrade modalstore"
         )
-    return Store(root=root, meta=meta)
+
+
+def _parse_meta(where: str, data: bytes) -> dict:
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:
+        raise StoreError(f"{where}: corrupt store manifest: {exc}") from exc
+    _check_meta(where, meta)
+    return meta
+
+
+def cache_root() -> Path:
+    """Where remote stores' metadata is copied: ``$MODALSTORE_CACHE`` or ``~/.cache/modalstore``."""
+    return Path(os.environ.get("MODALSTORE_CACHE") or Path.home() / ".cache" / "modalstore")
+
+
+def _open_remote(url: str) -> Store:
+    """A store at an fsspec URL: ``store.json``, the catalog and the active groups' statistics
+    are copied to a local cache (keyed by URL and ``store.json`` content, so a store that
+    changes gets a fresh copy); shards stay remote and are read from the URL."""
+    import hashlib
+
+    from pipelines.storage import Location
+
+    loc = Location(url)
+    try:
+        data = loc.read_bytes(STORE_FILE)
+    except FileNotFoundError:
+        hint = " (extraction did not finish; run extract again)" if loc.exists("shards") else ""
+        raise StoreError(f"{url}: not a modalstore store: {STORE_FILE} missing{hint}") from None
+    meta = _parse_meta(f"{url}/{STORE_FILE}", data)
+    key = hashlib.sha256(loc.url.encode()).hexdigest()[:16]
+    root = cache_root() / "remote" / key / hashlib.sha256(data).hexdigest()[:16]
+    if not (root / STORE_FILE).exists():
+        wanted = [f"catalog/{name}.parquet" for name in ("samples", "shards", "errors", "members")]
+        wanted += [g["stats"]["path"] for g in meta["groups"].values() if g.get("stats")]
+        for rel in wanted:
+            if loc.exists(rel):
+                write_atomic(root / rel, loc.read_bytes(rel))
+        write_atomic(root / STORE_FILE, data)  # last: a complete copy
+    return Store(root=root, meta=meta, url=loc.url)
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a finished store (a folder or an fsspec URL); a missing or incomplete one is a StoreError."""
+    from pipelines.storage import is_url, local_path
+
+    if is_url(path):
+        return _open_remote(str(path))
+    root = local_path(path)
+    meta_path = root / STORE_FILE
+    if not meta_path.exists():
+        hint = " (extraction did not finish; run extract again)" if (root / "shards").exists() else ""
+        raise StoreError(f"{root}: not a modalstore store: {STORE_FILE} missing{hint}")
+    return Store(root=root, meta=_parse_meta(str(meta_path), meta_path.read_bytes()))

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipelines.inspect import read_columns
 from pipelines.shards import member_problem
+from pipelines.storage import open_url, url_size
 from pipelines.store import Store, open_store
 from pipelines.versions import list_versions
 
@@ -256,14 +257,14 @@ def _check_file(exp: _Expected) -> tuple[list[Problem], int | None]:
     """Problems of one shard file and the bytes read (None when it could not be read)."""
     g, s = exp.group, exp.shard
     try:
-        size = exp.path.stat().st_size
+        size = url_size(exp.path)
     except FileNotFoundError:
         return [Problem("missing_shard", g, s, f"file not found: {exp.path}")], None
     problems = []
     if size != exp.bytes:
         problems.append(Problem("size_mismatch", g, s, f"{size} bytes on disk, catalog says {exp.bytes}"))
     try:
-        with open(exp.path, "rb") as f:
+        with open_url(str(exp.path)) as f:
             reader = _HashingReader(f)
             headers: list[tuple[str, int, int]] | None = None
             if exp.keys is not None:
@@ -310,7 +311,7 @@ def _read_headers(
         return headers, [*unsafe, (kind, f"tar read failed{where}: {msg}")]
     except (tarfile.TarError, EOFError, ValueError) as exc:
         return headers, [*unsafe, ("corrupt", f"tar read failed: {type(exc).__name__}: {exc}")]
-    with open(path, "rb") as f:  # the trailer is small and was just read: cheap
+    with open_url(str(path)) as f:  # the trailer is small and was just read: cheap
         f.seek(end)
         tail, nonzero = 0, None
         for block in iter(lambda: f.read(BLOCK), b""):
@@ -464,7 +465,7 @@ def _unexpected_files(store: Store, known: set[tuple[str, str]]) -> list[Problem
     problems: they are kept beside the active one until ``modalstore gc``.
     """
     root = store.root / "shards"
-    if not root.is_dir():
+    if store.url is not None or not root.is_dir():  # a remote store: objects appear whole, no leftovers
         return []
     active = {Path(store.meta["groups"][g]["dir"]): g for g in store.groups}
     recorded = {(g, v) for g, versions in list_versions(store.root).items() for v in versions}

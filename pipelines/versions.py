@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.shards import ShardPlan, write_atomic
+from pipelines.shards import ShardPlan
+from pipelines.storage import Location
 
 VERSIONS_DIR = "versions"
 VERSION_CHARS = 16  # hex digits of sha256 kept in a version name
@@ -74,16 +73,28 @@ def fit_key(extractor: str, extractor_version: int, params: dict, train_samples)
     return _sha([extractor, extractor_version, params, rows])
 
 
+def as_location(store) -> Location:
+    return store if isinstance(store, Location) else Location(store)
+
+
+def version_rel(group: str, version: str) -> str:
+    return f"{VERSIONS_DIR}/{group}/{version}"
+
+
+def shard_rel(group: str, version: str, shard: str) -> str:
+    return f"shards/{group}/{version}/{shard}.tar"
+
+
+def part_rel(group: str, version: str, shard: str) -> str:
+    return f"{version_rel(group, version)}/parts/{shard}.json"
+
+
 def version_dir(store: Path, group: str, version: str) -> Path:
-    return Path(store) / VERSIONS_DIR / group / version
+    return Path(store) / version_rel(group, version)
 
 
 def shard_dir(store: Path, group: str, version: str) -> Path:
     return Path(store) / "shards" / group / version
-
-
-def part_path(store: Path, group: str, version: str, shard: str) -> Path:
-    return version_dir(store, group, version) / "parts" / f"{shard}.json"
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -108,106 +119,94 @@ def _from_jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_part(store: Path, part: dict) -> None:
+def save_part(store, part: dict) -> None:
     """Record a finished shard of one group version (call after the tar is in place)."""
-    path = part_path(store, part["group"], part["version"], part["shard"])
-    write_atomic(path, json.dumps(_to_jsonable(part)).encode())
+    rel = part_rel(part["group"], part["version"], part["shard"])
+    as_location(store).write_bytes(rel, json.dumps(_to_jsonable(part)).encode())
 
 
-def load_part(store: Path, group: str, version: str, plan: ShardPlan) -> dict | None:
+def load_part(store, group: str, version: str, plan: ShardPlan) -> dict | None:
     """A finished shard's part, if it is for these rows and its tar is present and whole."""
-    path = part_path(store, group, version, plan.name)
-    if not path.exists():
+    loc = as_location(store)
+    rel = part_rel(group, version, plan.name)
+    if not loc.exists(rel):
         return None
     try:
-        part = _from_jsonable(json.loads(path.read_text()))
-    except ValueError:
+        part = _from_jsonable(json.loads(loc.read_bytes(rel)))
+    except (ValueError, OSError):
         return None
     if part.get("failed") or part.get("rows") != rows_hash(plan):
         return None  # placeholders of a shard whose task kept crashing are retried
-    tar = shard_dir(store, group, version) / f"{plan.name}.tar"
-    if not tar.exists() or tar.stat().st_size != part["file"]["bytes"]:
+    tar = shard_rel(group, version, plan.name)
+    if not loc.exists(tar) or loc.size(tar) != part["file"]["bytes"]:
         return None
     return part
 
 
-def write_group_meta(store: Path, group: str, version: str, meta: dict) -> None:
-    path = version_dir(store, group, version) / "group.json"
-    write_atomic(path, json.dumps(_to_jsonable(meta), indent=2).encode())
+def write_group_meta(store, group: str, version: str, meta: dict) -> None:
+    rel = f"{version_rel(group, version)}/group.json"
+    as_location(store).write_bytes(rel, json.dumps(_to_jsonable(meta), indent=2).encode())
 
 
-def read_group_meta(store: Path, group: str, version: str) -> dict | None:
-    path = version_dir(store, group, version) / "group.json"
+def read_group_meta(store, group: str, version: str) -> dict | None:
     try:
-        return _from_jsonable(json.loads(path.read_text()))
+        data = as_location(store).read_bytes(f"{version_rel(group, version)}/group.json")
+        return _from_jsonable(json.loads(data))
     except (OSError, ValueError):
         return None
 
 
-def list_versions(store: Path) -> dict[str, list[str]]:
+def list_versions(store) -> dict[str, list[str]]:
     """Every group version on disk: {group: [version, ...]} (sorted)."""
-    root = Path(store) / VERSIONS_DIR
-    if not root.is_dir():
-        return {}
-    return {
-        g.name: sorted(v.name for v in g.iterdir() if v.is_dir())
-        for g in sorted(root.iterdir())
-        if g.is_dir()
-    }
+    loc = as_location(store)
+    return {g: loc.listdir(f"{VERSIONS_DIR}/{g}") for g in loc.listdir(VERSIONS_DIR)}
 
 
-def find_fitted(store: Path, group: str, key: str) -> dict | None:
+def find_fitted(store, group: str, key: str) -> dict | None:
     """The ``group.json`` of an existing version of ``group`` fitted with the same fit key.
 
     Its ``artifact`` (path, sha256, fit key) and ``fit_errors`` let a run skip the fit.
     """
-    for version in list_versions(store).get(group, []):
-        meta = read_group_meta(store, group, version)
+    loc = as_location(store)
+    for version in list_versions(loc).get(group, []):
+        meta = read_group_meta(loc, group, version)
         art = (meta or {}).get("artifact")
-        if art and art.get("fit_key") == key and (Path(store) / art["path"]).exists():
+        if art and art.get("fit_key") == key and loc.exists(art["path"]):
             return meta
     return None
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (copy where links are not supported); atomic at ``dst``."""
-    tmp = dst.parent / f".{dst.name}.tmp-link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def reuse_shard(store: Path, group: str, version: str, cfg_hash: str, plan: ShardPlan) -> dict | None:
+def reuse_shard(store, group: str, version: str, cfg_hash: str, plan: ShardPlan) -> dict | None:
     """Take a shard from another version of ``group`` with the same config and the same rows.
 
-    The tar is hard-linked (its bytes and modification time stay those of the original) and
-    the part is copied under this version. Returns the part, or None when no version has it.
+    The tar is hard-linked (its bytes and modification time stay those of the original; a
+    server-side copy on object storage) and the part is copied under this version. Returns
+    the part, or None when no version has it.
     """
-    for other in list_versions(store).get(group, []):
+    loc = as_location(store)
+    for other in list_versions(loc).get(group, []):
         if other == version:
             continue
-        meta = read_group_meta(store, group, other)
+        meta = read_group_meta(loc, group, other)
         if meta is None or meta.get("config_hash") != cfg_hash:
             continue
-        part = load_part(store, group, other, plan)
+        part = load_part(loc, group, other, plan)
         if part is None:
             continue
-        dst = shard_dir(store, group, version) / f"{plan.name}.tar"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _link(shard_dir(store, group, other) / f"{plan.name}.tar", dst)
+        loc.link(shard_rel(group, other, plan.name), shard_rel(group, version, plan.name))
         part = {**part, "version": version, "file": {**part["file"], "version": version}}
-        save_part(store, part)
+        save_part(loc, part)
         return part
     return None
 
 
-def remove_leftovers(store: Path) -> int:
-    """Delete temporary files of interrupted shard writes; returns how many."""
+def remove_leftovers(store) -> int:
+    """Delete temporary files of interrupted local shard writes; returns how many."""
+    loc = as_location(store)
+    if loc.remote:
+        return 0  # an object appears only when its upload completes: nothing half-written
     n = 0
-    for leftover in (Path(store) / "shards").glob("*/*/.*.tmp-*"):
+    for leftover in (loc.path / "shards").glob("*/*/.*.tmp-*"):
         leftover.unlink(missing_ok=True)
         n += 1
     return n

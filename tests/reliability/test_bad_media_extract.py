@@ -292,14 +292,13 @@ def hanging_fs():
     _HangingFS.release.set()
 
 
-def test_remote_read_that_never_answers_times_out_as_one_error_row(tmp_path, hanging_fs, monkeypatch):
-    monkeypatch.setattr(media_mod, "REMOTE_TIMEOUT_S", 0.3)
+def test_remote_read_that_never_answers_times_out_as_one_error_row(tmp_path, hanging_fs):
     d = tmp_path / "data"
     d.mkdir()
     write_wav(d / "ok.wav", make_audio(0.3), 16000)
     (d / "m.csv").write_text(f"key,label,split,audio\nok,0,train,ok.wav\nstuck,1,train,{hanging_fs}\n")
     cfg = write_extract_config(tmp_path / "c.yaml", d / "m.csv", tmp_path / "s", {"audio": GROUPS["audio"]})
-    summary = run_extract(load_extract_config(cfg), progress=False)
+    summary = run_extract(load_extract_config(cfg, ["remote_timeout=0.3"]), progress=False)
     assert summary.errors == 1
     (error,) = pq.read_table(tmp_path / "s" / "catalog" / "errors.parquet").to_pylist()
     assert error["key"] == "stuck"
