@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PER_SHARD = 256
+VERSION = "0123456789abcdef"  # the group version (any 16 hex digits)
 
 
 def build(root: Path, n: int) -> str:
     from pipelines.shards import ShardWriter
-    from pipelines.store import CATALOG_ROW_GROUP
+    from pipelines.store import CATALOG_ROW_GROUP, LOOKUP_ROW_GROUP
 
     # rows in the order extract writes them: split by split, shard by shard
     idx = np.arange(n)
@@ -43,7 +44,7 @@ def build(root: Path, n: int) -> str:
     # the probed shard: real bytes on disk, real member offsets
     rows_of_probe = np.flatnonzero(shard_of == probe_shard)
     probe = slice(int(rows_of_probe[0]), int(rows_of_probe[-1]) + 1)
-    path = root / "shards" / "audio" / f"{shard_names[probe][0]}.tar"
+    path = root / "shards" / "audio" / VERSION / f"{shard_names[probe][0]}.tar"
     with ShardWriter(path) as w:
         for k, lab in zip(keys[probe], idx[probe] % 16, strict=True):  # noqa: B905
             w.add_sample(
@@ -100,8 +101,12 @@ def build(root: Path, n: int) -> str:
             }
         ),
     }
+    # as write_catalog does: the key index sorted by key; small row groups for point lookups
+    tables["keys"] = tables["samples"].select(["key", "split", "label", "shard", "index"]).sort_by("key")
+    tables["members"] = tables["members"].take(pc.sort_indices(tables["members"], [("shard", "ascending")]))
     for name, table in tables.items():
-        pq.write_table(table, cat / f"{name}.parquet", row_group_size=CATALOG_ROW_GROUP)
+        rows = LOOKUP_ROW_GROUP if name in ("keys", "members") else CATALOG_ROW_GROUP
+        pq.write_table(table, cat / f"{name}.parquet", row_group_size=rows)
     split_meta = {}
     for s in ("train", "val", "test"):
         mask = splits[first] == s
@@ -120,11 +125,11 @@ def build(root: Path, n: int) -> str:
                     "audio": {
                         "extractor": "mfcc",
                         "extractor_version": 1,
-                        "version": "0123456789abcdef",
+                        "version": VERSION,
                         "modality": "audio",
                         "params": {},
                         "fields": {"mfcc": {"dtype": "float32", "shape": [None, 40], "description": ""}},
-                        "dir": "shards/audio/0123456789abcdef",
+                        "dir": f"shards/audio/{VERSION}",
                     }
                 },
                 "errors": 0,

@@ -21,7 +21,7 @@ import numpy as np
 
 from features.errors import ModalstoreError, ShardFormatError, StoreError
 from pipelines import shards as shard_format
-from pipelines.inspect import format_table, read_columns
+from pipelines.inspect import catalog_path, format_table
 from pipelines.storage import open_url
 from pipelines.store import open_store
 
@@ -131,6 +131,50 @@ def _read_member(f, shard: str, name: str, offset: int, size: int) -> bytes:
     return buf[_HEADER:]
 
 
+def point_lookup(store, name: str, column: str, value: str, columns: list[str]):
+    """Rows of a catalog table where ``column == value``; the table is sorted by ``column``
+    (``keys`` by key, ``members`` by shard), so a binary search over the row groups' min/max
+    statistics finds the one or two to read, whatever the store's size."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = catalog_path(store, name)
+    pf = pq.ParquetFile(path)
+    missing = [c for c in [*columns, column] if c not in pf.schema_arrow.names]
+    if missing:
+        raise StoreError(
+            f"{path}: column(s) {missing} missing; the catalog is damaged, run modalstore verify"
+        )
+    at = pf.schema_arrow.get_field_index(column)
+    meta = pf.metadata
+
+    def bounds(i: int):
+        st = meta.row_group(i).column(at).statistics
+        return (st.min, st.max) if st is not None and st.has_min_max else (None, None)
+
+    lo, hi = 0, pf.num_row_groups
+    while lo < hi:  # the first row group whose max >= value
+        mid = (lo + hi) // 2
+        top = bounds(mid)[1]
+        if top is None:
+            lo, hi = 0, pf.num_row_groups  # no statistics: read everything
+            break
+        if top < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    groups = []
+    for i in range(lo, pf.num_row_groups):
+        low = bounds(i)[0]
+        if low is not None and low > value and groups:
+            break
+        groups.append(i)
+        if low is not None and low > value:
+            break
+    table = pf.read_row_groups(groups, columns=list(dict.fromkeys([*columns, column])))
+    return table.filter(pc.field(column) == value).select(columns)
+
+
 def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> dict:
     """One sample's metadata and arrays, read by random access.
 
@@ -141,9 +185,9 @@ def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> d
 
     store = open_store(path)
     groups = store.check_groups(groups)
-    rows = read_columns(
-        store, "samples", ["key", "split", "label", "shard", "index"], filters=pc.field("key") == key
-    )
+    # catalog/keys.parquet is sorted by key in small row groups: one is read, whatever the size
+    index = "keys" if (store.root / "catalog" / "keys.parquet").exists() else "samples"
+    rows = point_lookup(store, index, "key", key, ["key", "split", "label", "shard", "index"])
     if rows.num_rows == 0:
         raise StoreError(f"{store.root}: no sample with key {key!r}")
     if rows.num_rows > 1:
@@ -152,13 +196,9 @@ def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> d
         )
     row = rows.to_pylist()[0]
     shard = row["shard"]
-    members = read_columns(
-        store,
-        "members",
-        ["group", "member", "offset", "size"],
-        filters=(pc.field("shard") == shard)
-        & pc.field("group").isin(groups)
-        & pc.starts_with(pc.field("member"), pattern=f"{key}."),
+    members = point_lookup(store, "members", "shard", shard, ["group", "shard", "member", "offset", "size"])
+    members = members.filter(
+        pc.field("group").isin(groups) & pc.starts_with(pc.field("member"), pattern=f"{key}.")
     ).to_pylist()
     by_group: dict[str, list[dict]] = {g: [] for g in groups}
     for m in members:  # the members of one sample: a handful per group

@@ -30,9 +30,12 @@ from features.spec import FieldSpec
 from pipelines.shards import write_atomic, write_error
 
 STORE_FILE = "store.json"
-# Small row groups (rows are in shard order) let a point lookup by key or shard decode one
-# row group instead of ~1M rows: `get` on a 1M-sample catalog (BENCHMARKS.md).
+# Row groups of the catalog tables: rows are in shard order, so a lookup by shard reads one
+# row group (members: ``get`` and the loader's per-shard member lists).
 CATALOG_ROW_GROUP = 65536
+# The key index (catalog/keys.parquet: samples sorted by key) and members.parquet use small
+# row groups: a point lookup reads one of ~8k rows, whatever the store's size (BENCHMARKS.md).
+LOOKUP_ROW_GROUP = 8192
 FORMAT_VERSION = 2  # 2: group versions (shards/<group>/<version>/)
 
 _SCHEMAS = {
@@ -54,6 +57,7 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     ``store``: a folder, URL or ``pipelines.storage.Location``.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipelines.storage import Location
@@ -74,18 +78,27 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
                 {"group": p["group"], "shard": plan.name, "member": m, "offset": o, "size": n}
                 for m, o, n in p["members"]
             )
-    tables = {"samples": samples, "shards": files, "errors": errors, "members": members}
+    tables = {"samples": samples, "shards": files, "errors": errors, "members": members, "keys": samples}
+    tables_out: dict = {}
     for name, rows in tables.items():
-        if rows:
+        if name == "keys":  # the key index for point lookups: key order, the sample's location
+            cols = ["key", "split", "label", "shard", "index"]
+            table = tables_out["samples"].select(cols).sort_by("key") if rows else pa.table({})
+        elif name == "members" and rows:  # by shard, for point lookups; each (group, shard) run kept
+            table = pa.Table.from_pylist(rows)
+            table = table.take(pc.sort_indices(table, [("shard", "ascending")], null_placement="at_end"))
+        elif rows:
             table = pa.Table.from_pylist(rows)
         elif name == "errors":
             table = pa.schema([pa.field(n, getattr(pa, t)()) for n, t in _SCHEMAS["errors"]]).empty_table()
         else:
             table = pa.table({})
+        tables_out[name] = table
         rel = f"catalog/{name}.parquet"
         tmp = loc.staging_dir(rel) / f".{name}.parquet.tmp"
         try:
-            pq.write_table(table, tmp, row_group_size=CATALOG_ROW_GROUP)
+            small = name in ("keys", "members")
+            pq.write_table(table, tmp, row_group_size=LOOKUP_ROW_GROUP if small else CATALOG_ROW_GROUP)
             loc.put_file(tmp, rel)
         except OSError as exc:  # e.g. a full disk: no half table under the final name
             tmp.unlink(missing_ok=True)
@@ -244,7 +257,7 @@ def _open_remote(url: str) -> Store:
     key = hashlib.sha256(loc.url.encode()).hexdigest()[:16]
     root = cache_root() / "remote" / key / hashlib.sha256(data).hexdigest()[:16]
     if not (root / STORE_FILE).exists():
-        wanted = [f"catalog/{name}.parquet" for name in ("samples", "shards", "errors", "members")]
+        wanted = [f"catalog/{name}.parquet" for name in ("samples", "shards", "errors", "members", "keys")]
         wanted += [g["stats"]["path"] for g in meta["groups"].values() if g.get("stats")]
         for rel in wanted:
             if loc.exists(rel):
