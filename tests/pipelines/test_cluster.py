@@ -2,6 +2,7 @@
 the same store as a local run, survival of a worker SIGKILL, bounded retries of a poison shard."""
 
 import os
+import random
 import signal
 import threading
 import time
@@ -63,39 +64,50 @@ def test_cli_on_a_real_cluster_gives_the_local_store(demo_dir, tmp_path, referen
     )
 
 
+TRIALS = 10
+
+
 def test_worker_sigkill_mid_job_loses_and_duplicates_nothing(demo_dir, tmp_path, reference):
-    cfg = load_extract_config(cluster_config(demo_dir, tmp_path))
+    """10 seeded trials on one cluster: a random worker SIGKILLed after a random number of shards."""
     with dask_cluster(tmp_path, {"w1": [], "w2": []}) as addr, Client(addr) as client:
-        pids = client.run(os.getpid)  # worker address -> pid (the nanny restarts a killed worker)
-        outcome = {}
+        for trial in range(TRIALS):
+            rng = random.Random(trial)
+            store = tmp_path / f"s{trial}"
+            cfg = load_extract_config(
+                write_extract_config(tmp_path / f"c{trial}.yaml", demo_dir / "manifest.csv", store, GROUPS, 2)
+            )
+            client.wait_for_workers(2, timeout=120)  # the nanny restarted the last trial's victim
+            pids = sorted(client.run(os.getpid).values())
+            stop_after = rng.randint(1, 16)  # of 24 shards
+            outcome = {}
 
-        def job():
-            try:
-                outcome["summary"] = run_extract(cfg, client=client, progress=False)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-                outcome["error"] = exc
+            def job(cfg=cfg, outcome=outcome):
+                try:
+                    outcome["summary"] = run_extract(cfg, client=client, progress=False)
+                except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                    outcome["error"] = exc
 
-        thread = threading.Thread(target=job)
-        thread.start()
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((tmp_path / "s").glob("versions/video/*/parts/*"))) < 3:
-            time.sleep(0.02)
-        victim = sorted(pids.values())[0]
-        os.kill(victim, signal.SIGKILL)
-        thread.join(timeout=300)
-    assert "error" not in outcome, outcome.get("error")
-    summary = outcome["summary"]
-    assert summary.failed_shards == [] and summary.errors == 0
-    assert shard_hashes(tmp_path / "s") == shard_hashes(reference)
-    assert store_files(tmp_path / "s") == store_files(reference)  # no partial shard, no temp file left
-    keys = [
-        k
-        for split in ("train", "val", "test")
-        for b in StreamingLoader(tmp_path / "s", split)
-        for k in b["keys"]
-    ]
-    assert len(keys) == len(set(keys)) == 48
-    assert verify_store(tmp_path / "s", progress=False).ok
+            thread = threading.Thread(target=job)
+            thread.start()
+            deadline = time.time() + 120
+            while time.time() < deadline and len(list(store.glob("versions/video/*/parts/*"))) < stop_after:
+                time.sleep(0.01)
+            assert thread.is_alive(), f"trial {trial}: the job finished before the kill"
+            os.kill(rng.choice(pids), signal.SIGKILL)
+            thread.join(timeout=300)
+            assert "error" not in outcome, (trial, outcome.get("error"))
+            summary = outcome["summary"]
+            assert summary.failed_shards == [] and summary.errors == 0, trial
+            assert shard_hashes(store) == shard_hashes(reference), trial
+            assert store_files(store) == store_files(reference), trial  # no partial shard, no temp file
+            keys = [
+                k
+                for split in ("train", "val", "test")
+                for b in StreamingLoader(store, split)
+                for k in b["keys"]
+            ]
+            assert len(keys) == len(set(keys)) == 48, trial
+            assert verify_store(store, progress=False).ok, trial
 
 
 def test_poison_shard_is_retried_a_bounded_number_of_times_then_reported(demo_dir, tmp_path, reference):
