@@ -117,12 +117,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_av_digits(args: argparse.Namespace) -> int:
-    from pipelines.datasets import make_av_digits
+    from pipelines.datasets import default_cache_dir, download_fsdd, download_mnist, make_av_digits
 
+    fsdd, mnist = args.fsdd or "../shared/data/fsdd", args.mnist or "../shared/data/mnist-t10k"
+    if args.download:
+        if args.fsdd or args.mnist:
+            print("error: --download fetches the sources; drop --fsdd/--mnist", file=sys.stderr)
+            return 2
+        cache = args.cache or default_cache_dir()
+        fsdd = download_fsdd(cache, args.fsdd_url, progress=not args.quiet)
+        mnist = download_mnist(cache, args.mnist_url, progress=not args.quiet)
     manifest = make_av_digits(
         args.out,
-        args.fsdd,
-        args.mnist,
+        fsdd,
+        mnist,
         test_speaker=args.test_speaker,
         val_fraction=args.val_fraction,
         max_per_digit=args.max_per_digit,
@@ -331,8 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_av_digits)
     p.add_argument("out", help="output folder (created)")
-    p.add_argument("--fsdd", default="../shared/data/fsdd", help="FSDD folder (with recordings/)")
-    p.add_argument("--mnist", default="../shared/data/mnist-t10k", help="folder of MNIST IDX .gz files")
+    p.add_argument("--fsdd", help="FSDD folder (with recordings/); default ../shared/data/fsdd")
+    p.add_argument("--mnist", help="folder of MNIST IDX .gz files; default ../shared/data/mnist-t10k")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch FSDD and MNIST into --cache (reused when there) instead of --fsdd/--mnist",
+    )
+    p.add_argument("--cache", help="download folder (default $MODALSTORE_CACHE or ~/.cache/modalstore)")
+    p.add_argument(
+        "--fsdd-url",
+        help="FSDD .tar.gz/.zip archive URL (default $MODALSTORE_FSDD_URL or the v1.0.10 release)",
+    )
+    p.add_argument(
+        "--mnist-url",
+        help="folder URL of t10k-*-ubyte.gz (default $MODALSTORE_MNIST_URL or torchvision's mirror)",
+    )
     p.add_argument("--test-speaker", help="hold out this speaker as the test split (default: recordings 0-4)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the non-test recordings (default 0.1)")
     p.add_argument("--max-per-digit", type=int, help="at most N recordings per digit and split")

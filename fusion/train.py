@@ -11,7 +11,9 @@ One ``TrainConfig`` (YAML) plans several runs: ``models: [late_fusion, unimodal]
   ends with the same weights as an uninterrupted run (CPU, deterministic);
 - ``checkpoint.pt``: the best epoch by the validation ``monitor``;
 - ``log.jsonl`` (one line per epoch) and ``steps.jsonl`` (one line per optimiser step);
-- with ``log_keys``, ``keys.rank<R>.jsonl``: the sample keys of every batch rank R trained on.
+- with ``log_keys``, ``keys.rank<R>.jsonl``: the sample keys of every batch rank R trained on;
+- with ``tensorboard``, ``tb/``: TensorBoard event files holding the same numbers as the JSONL
+  logs (``step/<key>`` per optimiser step, ``epoch/<key>`` per epoch, both over the global step).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop trains data-parallel: each rank streams
 its slice of every step's global batch, gradients (and batch-norm statistics) are averaged
@@ -22,6 +24,7 @@ files. ``batch_size`` is the global batch, so a run's checkpoints resume on any 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import time
 from contextlib import nullcontext
@@ -102,6 +105,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads while training/evaluating; 0: torch's default
     device: str = "auto"  # "auto": cuda when available, else cpu; under torchrun cuda:LOCAL_RANK
     log_keys: bool = False  # every rank writes its batches' sample keys to keys.rank<R>.jsonl
+    tensorboard: bool = False  # rank 0 also writes the step and epoch logs to <run>/tb/ (extra: tensorboard)
     # Extra constructor options per model name, e.g. {late_fusion: {combine: learned}}.
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -143,6 +147,12 @@ class TrainConfig:
                 raise bad(key, "must be in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise bad("min_lr_ratio", "must be in [0, 1]")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise bad(
+                "tensorboard",
+                "needs the tensorboard package; install it with pip install 'modalstore[tensorboard]' "
+                "or set tensorboard: false",
+            )
         if self.class_weights is not None and any(w < 0 for w in self.class_weights):
             raise bad("class_weights", "must be >= 0")
         if self.device != "auto":
@@ -253,6 +263,24 @@ def _jsonl_keep(path: Path, last_epoch: int) -> None:
     path.write_text("".join(r + "\n" for r in kept))
 
 
+def _tensorboard_writer(out_dir: Path, step: int):
+    """A SummaryWriter on ``out_dir/tb`` that hides the events logged after ``step`` before it.
+
+    As the JSONL logs are cut back: all of an earlier run's on a fresh start (``step`` 0), and
+    what a killed run logged past its last checkpoint on resume.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
+
+
+def _tensorboard_log(writer, prefix: str, row: dict, step: int) -> None:
+    """Every number of a JSONL log row as the scalar ``prefix/<key>`` at ``step``."""
+    for key, value in row.items():
+        if key not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
 def train_one(
     config: TrainConfig,
     run: RunSpec,
@@ -361,6 +389,9 @@ def train_one(
             else:
                 _jsonl_keep(out_dir / name, state["epoch"])
 
+    # flushed with the JSONL logs after every epoch, so a crash loses no more than they do
+    tb = _tensorboard_writer(out_dir, state["step"]) if config.tensorboard and main else None
+
     # -- loop: train an epoch, validate, checkpoint (last every epoch, best on the monitor)
     start = state["epoch"] + 1
     for epoch in range(start, config.epochs + 1):
@@ -466,6 +497,11 @@ def train_one(
                 f.writelines(json.dumps(r) + "\n" for r in step_rows)
             with (out_dir / "log.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if tb is not None:
+                for r in step_rows:
+                    _tensorboard_log(tb, "step", r, r["step"])
+                _tensorboard_log(tb, "epoch", row, row["step"])
+                tb.flush()
             save_checkpoint(
                 {
                     **meta,
@@ -488,6 +524,8 @@ def train_one(
             tqdm.write(
                 f"{run.name}: early stop, no {config.monitor} improvement in {config.early_stopping} epochs"
             )
+    if tb is not None:
+        tb.close()
     if state["best_epoch"] is None:
         raise ConfigError(
             f"run {run.name}: no supervised epoch (pretrain_epochs >= epochs); nothing to select"

@@ -4,15 +4,23 @@
 spoken digits and MNIST images paired by label. The test split holds out FSDD's usual test
 recordings (index 0-4) or one whole speaker; the MNIST images of each split are disjoint. The
 optional degradation follows AV-MNIST: image PCA energy removed, noise mixed into the audio.
+
+``download_fsdd`` and ``download_mnist`` fetch both sources into a cache folder for users with
+a network (URLs overridable by argument or ``MODALSTORE_FSDD_URL`` / ``MODALSTORE_MNIST_URL``).
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
+import os
 import re
 import shutil
+import tarfile
+import urllib.parse
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +31,18 @@ from features.errors import ConfigError, MediaError
 
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset"
 MNIST_URL = "https://yann.lecun.com/exdb/mnist/"
+# The release archive of FSDD's latest tag (3,000 recordings, 6 speakers). GitHub builds its
+# archives on the fly, so their bytes (and sha256) are not guaranteed stable: the download's
+# size and sha256 are recorded in fsdd/source.json instead of checked against a pinned value.
+FSDD_ARCHIVE_URL = f"{FSDD_URL}/archive/refs/tags/v1.0.10.tar.gz"
+# torchvision's mirror of the original MNIST files.
+MNIST_MIRROR_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+# sha256 of the original t10k files: those whose md5 torchvision pins (9fb629c4189551a2d022fa330f9573f3,
+# ec29112dd5afa0611ce80d1b7f02629c), hashed here from such a copy. Every mirror serves these bytes.
+MNIST_SHA256 = {
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
 _RECORDING = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 
 
@@ -39,7 +59,7 @@ def read_mnist(mnist_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     else:
         raise ConfigError(
             f"{d}: no MNIST IDX files (t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz); "
-            f"download them from {MNIST_URL}"
+            f"download them from {MNIST_URL} (or use av-digits --download)"
         )
     raw_images, raw_labels = gzip.decompress(images.read_bytes()), gzip.decompress(labels.read_bytes())
     magic, n, rows, cols = np.frombuffer(raw_images[:16], dtype=">u4")
@@ -64,9 +84,116 @@ def list_fsdd(fsdd_dir: str | Path) -> list[dict]:
             rows.append({"path": p, "digit": int(m[1]), "speaker": m[2], "index": int(m[3])})
     if not rows:
         raise ConfigError(
-            f"{fsdd_dir}: no FSDD recordings named DIGIT_SPEAKER_INDEX.wav; get them from {FSDD_URL}"
+            f"{fsdd_dir}: no FSDD recordings named DIGIT_SPEAKER_INDEX.wav; get them from {FSDD_URL} "
+            "(or use av-digits --download)"
         )
     return rows
+
+
+def default_cache_dir() -> Path:
+    """``$MODALSTORE_CACHE``, else ``$XDG_CACHE_HOME/modalstore``, else ``~/.cache/modalstore``."""
+    if os.environ.get("MODALSTORE_CACHE"):
+        return Path(os.environ["MODALSTORE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modalstore"
+
+
+def download_mnist(
+    cache_dir: str | Path,
+    url: str | None = None,
+    *,
+    sha256: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch the MNIST test set (two IDX .gz files) into ``cache_dir/mnist-t10k``; return that folder.
+
+    ``url`` is the folder URL the two file names are appended to (default: ``MODALSTORE_MNIST_URL``,
+    else torchvision's mirror). Each file must match ``sha256`` (default ``MNIST_SHA256``, the
+    original files). Files already in the cache are checked, not fetched again.
+    """
+    from pipelines.download import download, sha256_file
+
+    url = url or os.environ.get("MODALSTORE_MNIST_URL") or MNIST_MIRROR_URL
+    checks = MNIST_SHA256 if sha256 is None else sha256
+    folder = Path(cache_dir) / "mnist-t10k"
+    files = {}
+    for name in MNIST_SHA256:
+        file_url = url.rstrip("/") + "/" + name
+        path = download(file_url, folder / name, sha256=checks.get(name), progress=progress)
+        files[name] = {"url": file_url, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    read_mnist(folder)  # valid IDX files, or an error naming them
+    (folder / "source.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
+    return folder
+
+
+def _archive_recordings(archive: Path):
+    """(file name, bytes) of every ``recordings/DIGIT_SPEAKER_INDEX.wav`` in a .tar(.gz) or .zip."""
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.isfile() and parts[-2:-1] == ["recordings"] and _RECORDING.match(parts[-1]):
+                    yield parts[-1], tar.extractfile(member).read()
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                parts = info.filename.split("/")
+                if not info.is_dir() and parts[-2:-1] == ["recordings"] and _RECORDING.match(parts[-1]):
+                    yield parts[-1], zf.read(info)
+    else:
+        raise ConfigError(f"{archive}: neither a tar nor a zip archive")
+
+
+def download_fsdd(
+    cache_dir: str | Path,
+    url: str | None = None,
+    *,
+    sha256: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch an FSDD archive (.tar.gz or .zip) and unpack its recordings into ``cache_dir/fsdd``.
+
+    ``url`` defaults to ``MODALSTORE_FSDD_URL``, else the v1.0.10 release (``FSDD_ARCHIVE_URL``);
+    ``sha256`` pins the archive when you know it. Only ``*/recordings/*.wav`` is unpacked, under
+    its file name; ``fsdd/source.json`` records the URL, size and sha256 of what was fetched.
+    A cache already unpacked from the same URL is reused.
+    """
+    from pipelines.download import download, sha256_file
+
+    url = url or os.environ.get("MODALSTORE_FSDD_URL") or FSDD_ARCHIVE_URL
+    folder = Path(cache_dir) / "fsdd"
+    recordings, source = folder / "recordings", folder / "source.json"
+    if recordings.is_dir() and source.exists() and json.loads(source.read_text()).get("url") == url:
+        return folder
+    # The archive's name carries the URL's hash: a .part left by another URL is never resumed.
+    name = Path(urllib.parse.urlsplit(url).path).name or "archive"
+    archive = download(
+        url,
+        folder / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}",
+        sha256=sha256,
+        progress=progress,
+    )
+    unpacking = folder / "recordings.part"
+    shutil.rmtree(unpacking, ignore_errors=True)
+    unpacking.mkdir(parents=True)
+    count = 0
+    try:
+        for file_name, data in _archive_recordings(archive):
+            (unpacking / file_name).write_bytes(data)
+            count += 1
+    except (ConfigError, tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        archive.unlink()  # else every later call would reuse the broken file
+        shutil.rmtree(unpacking, ignore_errors=True)
+        raise ConfigError(f"{url}: cannot unpack the download ({exc}); it was removed, run again") from exc
+    if count == 0:
+        archive.unlink()
+        unpacking.rmdir()
+        raise ConfigError(f"{url}: the archive holds no recordings/DIGIT_SPEAKER_INDEX.wav; is it FSDD?")
+    shutil.rmtree(recordings, ignore_errors=True)
+    os.replace(unpacking, recordings)  # the folder appears whole or not at all
+    info = {"url": url, "bytes": archive.stat().st_size, "sha256": sha256_file(archive), "recordings": count}
+    source.write_text(json.dumps(info, indent=2) + "\n")
+    archive.unlink()  # the recordings are what the recipe reads; source.json keeps the archive's identity
+    return folder
 
 
 def _assign_splits(
@@ -202,6 +329,11 @@ def make_av_digits(
         "recipe": "av-digits",
         "fsdd": str(fsdd_dir),
         "mnist": str(mnist_dir),
+        **{  # where download_fsdd / download_mnist fetched them from
+            f"{name}_source": json.loads((Path(d) / "source.json").read_text())
+            for name, d in (("fsdd", fsdd_dir), ("mnist", mnist_dir))
+            if (Path(d) / "source.json").exists()
+        },
         "test_speaker": test_speaker,
         "val_fraction": val_fraction,
         "max_per_digit": max_per_digit,
