@@ -9,9 +9,11 @@ import socket
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from store_fixtures import TINY_GROUPS, write_extract_config
 
 from fusion.loader import StreamingLoader
+from fusion.train import TrainConfig, train_all
 from modalstore import main
 from pipelines.extract import load_extract_config, run_extract
 from pipelines.inspect import inspect_store
@@ -103,6 +105,17 @@ def test_extract_stream_verify_get_on_s3(demo_dir, tmp_path, s3_endpoint, local_
             assert np.array_equal(got["groups"][g]["fields"][f], arr)
     assert inspect_store(url)["samples"] == inspect_store(local_ref)["samples"]
     assert verify_store(url, progress=False).ok
+    # training streams from S3 and gives the same weights as from the local copy
+    trained = {}
+    for name, root in (("s3", url), ("local", str(local_ref))):
+        config = TrainConfig(
+            store=root, runs_dir=str(tmp_path / name), groups=list(GROUPS), models=["late_fusion"],
+            epochs=1, batch_size=8, hidden=16, device="cpu",
+        )  # fmt: skip
+        (run,) = train_all(config, progress=False)
+        trained[name] = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert trained["s3"].keys() == trained["local"].keys()
+    assert all(torch.equal(trained["s3"][k], trained["local"][k]) for k in trained["s3"])
     # a second run is a no-op; changing one group computes only it, on S3 too
     assert run_extract(load_extract_config(cfg), progress=False).up_to_date
     changed = load_extract_config(cfg, ["groups.audio.params.n_mfcc=13"])
