@@ -25,7 +25,8 @@ from torchmetrics.functional.classification import (
 
 from features.errors import ModalstoreError, StoreError
 from features.spec import FieldSpec
-from fusion.loader import StreamingLoader, resolve_device, to_device
+from fusion.device import resolve_device, to_device
+from fusion.loader import StreamingLoader
 from fusion.models import create_model
 from fusion.perturb import corrupt, hide
 from fusion.plots import confusion_png

@@ -20,7 +20,7 @@ Either way a shard is checked whole when it is opened: a member of a refused typ
 error even if its sample is never decoded, the groups' keys must agree, and the shard must
 hold as many samples as ``store.json`` records (an epoch is planned from those counts).
 
-Which samples go where is index arithmetic (``EpochOrder``, ``EpochPlan``): an epoch's
+Which samples go where is index arithmetic (``fusion.epochs``): an epoch's
 sample order is a pure function of (shard sizes, shuffle, seed, epoch, window), each rank
 takes fixed slices of it and each DataLoader worker whole batches of its rank's, so
 samples are read by (shard, index in shard) and a resume skips to a position without
@@ -29,9 +29,8 @@ reading what comes before it.
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.errors import ConfigError, ShardFormatError, StoreError
 from features.spec import FieldSpec
+from fusion.device import _on_device, resolve_device, to_device  # noqa: F401  (re-exported)
+from fusion.epochs import EpochOrder, EpochPlan, resolve_world
 from fusion.shard_reader import (
     CatalogMismatchWarning,  # noqa: F401  (raised through the loader; importable from here)
     MemberDecoder,
@@ -246,134 +247,6 @@ def collate(
 # ---- the epoch plan: which sample each rank, worker and batch gets (index arithmetic only) ----
 
 
-def _rng(*entropy: int) -> np.random.Generator:
-    return np.random.default_rng([x % 2**64 for x in entropy])
-
-
-class EpochOrder:
-    """The global sample order of one epoch, the same for every world size.
-
-    Shards in split order, or with ``shuffle`` in an order drawn from (seed, epoch); their
-    samples concatenated; with ``shuffle`` that sequence is then permuted within
-    consecutive windows of ``window`` samples, and the result again within windows shifted
-    by half a window (so no window boundary survives), each window by its own draw from
-    (seed, epoch, pass, window index). ``locate`` maps positions of this order to samples:
-    a position's sample lies at most two windows before it, so reading needs only the
-    shards of about two windows at a time. Memory is O(shards + window), whatever the
-    number of samples.
-    """
-
-    def __init__(self, sizes: Sequence[int], shuffle: bool, seed: int, epoch: int, window: int) -> None:
-        sizes = np.asarray(sizes, dtype=np.int64)
-        self.n = int(sizes.sum())
-        self.shard_order = _rng(seed, epoch, 0).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
-        # starts[k]: position of the k-th shard of the epoch's shard order in the concatenation
-        self.starts = np.concatenate([[0], np.cumsum(sizes[self.shard_order])])
-        self.window = window if shuffle else 0
-        self.seed, self.epoch = seed, epoch
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
-
-    def _bounds(self, shift: int, m: int) -> tuple[int, int]:
-        return max(0, m * self.window - shift), min(self.n, (m + 1) * self.window - shift)
-
-    def _permute(self, p: np.ndarray, shift: int) -> np.ndarray:
-        """Each position replaced by its image under its window's permutation (windows start at -shift)."""
-        out = np.empty_like(p)
-        block = (p + shift) // self.window
-        for m in np.unique(block).tolist():
-            perm = self._perms.get((shift, m))
-            lo, hi = self._bounds(shift, m)
-            if perm is None:
-                if len(self._perms) >= 8:  # a batch rarely spans more than two windows per pass
-                    self._perms.pop(next(iter(self._perms)))
-                perm = self._perms[shift, m] = _rng(self.seed, self.epoch, 1 + shift, m).permutation(hi - lo)
-            sel = block == m
-            out[sel] = lo + perm[p[sel] - lo]
-        return out
-
-    def concat_index(self, positions: np.ndarray) -> np.ndarray:
-        """Positions in the epoch order (taken modulo n) -> positions in the shard concatenation."""
-        p = np.asarray(positions, dtype=np.int64) % self.n
-        if not self.window:
-            return p
-        return self._permute(self._permute(p, self.window // 2), 0)
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions -> (k, index): the k-th shard of ``shard_order`` and the sample's index in it."""
-        c = self.concat_index(positions)
-        k = np.searchsorted(self.starts, c, side="right") - 1  # 'right' steps over empty shards
-        return k, c - self.starts[k]
-
-    def window_start(self, position: int) -> int:
-        """The lowest concatenation index that ``position`` or any later position can map to."""
-        p = position % self.n
-        if not self.window:
-            return p
-        lo, _ = self._bounds(self.window // 2, (p + self.window // 2) // self.window)
-        return lo - lo % self.window
-
-
-class EpochPlan:
-    """One rank's batches of one epoch, from position ``start`` of the ``EpochOrder`` on.
-
-    The order is consumed in steps of ``world * batch_size`` positions: in each full step
-    rank r takes the r-th run of ``batch_size``. The last, partial step of L positions is
-    dropped with ``drop_last``; otherwise each rank takes ceil(L / world) of it, and the
-    positions past the end wrap to the start of the epoch order (fewer than ``world``
-    samples are repeated). So every sample is seen once per epoch (plus that padding),
-    every rank yields the same number of batches, and after j batches of every rank the
-    ranks have consumed exactly the first ``consumed_after(j - 1)`` positions: a resume,
-    on any world size, partitions the rest.
-    """
-
-    def __init__(
-        self,
-        order: EpochOrder,
-        start: int,
-        rank: int,
-        world: int,
-        batch_size: int,
-        drop_last: bool,
-    ) -> None:
-        self.order, self.start, self.rank, self.world = order, start, rank, world
-        self.batch_size, self.drop_last = batch_size, drop_last
-        self.step = world * batch_size
-        self.full_steps, self.last = divmod(order.n - start, self.step)
-
-    @property
-    def num_batches(self) -> int:
-        return self.full_steps + (1 if self.last and not self.drop_last else 0)
-
-    def positions(self, j: int) -> np.ndarray:
-        """Epoch-order positions of this rank's batch ``j`` (those >= n are padding)."""
-        if j < self.full_steps:
-            first = self.start + j * self.step + self.rank * self.batch_size
-            return np.arange(first, first + self.batch_size, dtype=np.int64)
-        b = math.ceil(self.last / self.world)
-        first = self.start + self.full_steps * self.step + self.rank * b
-        return np.arange(first, first + b, dtype=np.int64)
-
-    def consumed_after(self, j: int) -> int:
-        """Positions every rank together has consumed once each has yielded batch ``j``."""
-        return min(self.start + (j + 1) * self.step, self.order.n)
-
-
-def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world size): as given, else torch.distributed's when initialised, else (0, 1)."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if world_size is None:
-        world_size = torch.distributed.get_world_size() if dist else 1
-    if rank is None:
-        rank = torch.distributed.get_rank() if dist else 0
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(
-            f"StreamingLoader: rank {rank} with world_size {world_size}: need 0 <= rank < world_size; "
-            "pass this process's rank and the number of processes, or leave both None to use "
-            "torch.distributed's"
-        )
-    return rank, world_size
-
-
 class _OpenShards:
     """A worker's open shards, keyed by their place k in the epoch's shard order.
 
@@ -465,31 +338,6 @@ class ShardStream(IterableDataset):
 
 def _as_is(batch: dict) -> dict:
     return batch
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
-    """Tensors in nested dicts/lists/tuples moved to ``device``; everything else unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_device(v, device, non_blocking) for v in obj)
-    return obj
-
-
-def _record_stream(batch: dict, stream) -> None:
-    for v in batch.values():
-        for t in v.values() if isinstance(v, dict) else [v]:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(stream)
 
 
 class StreamingLoader:
@@ -683,24 +531,3 @@ class StreamingLoader:
             self._position = plan.consumed_after(j)  # before the yield: this batch is consumed
             yield batch
         self._position = plan.order.n  # the epoch is done, also when drop_last left a remainder
-
-
-def _on_device(batches, device: torch.device) -> Iterator[dict]:
-    """``batches`` moved to ``device``; on CUDA the next batch is copied while this one is used."""
-    if device.type != "cuda":
-        for batch in batches:
-            yield to_device(batch, device)
-        return
-    copy_stream = torch.cuda.Stream(device=device)
-    pending = None
-    for batch in batches:
-        with torch.cuda.stream(copy_stream):
-            nxt = to_device(batch, device, non_blocking=True)
-        if pending is not None:
-            yield pending  # the consumer's step overlaps the copy of ``nxt``
-        main = torch.cuda.current_stream(device)
-        main.wait_stream(copy_stream)
-        _record_stream(nxt, main)  # allocated on the side stream, used on the main one
-        pending = nxt
-    if pending is not None:
-        yield pending

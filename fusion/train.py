@@ -47,6 +47,7 @@ from fusion.checkpoint import (
     set_rng_state,
     unwrapped_state,
 )
+from fusion.device import resolve_device, to_device
 from fusion.distributed import (
     World,
     broadcast,
@@ -59,7 +60,6 @@ from fusion.distributed import (
 )
 from fusion.encoders import SEQUENCE_ENCODERS
 from fusion.evaluate import LoaderFactory, open_loader, predict
-from fusion.loader import resolve_device, to_device
 from fusion.losses import training_loss
 from fusion.models import FusionModel, create_model, list_models, model_options
 from fusion.optim import OPTIMIZERS, SCHEDULES, make_scheduler

@@ -278,44 +278,61 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
             moments = {
                 f: field_moments([o[f] for o in outputs if o is not None], spec[f].variable) for f in spec
             }
-        loc = Location(store)
-        rel = shard_rel(g.name, g.version, plan.name)
-        path = loc.staging_dir(rel) / f"{plan.name}.tar"
-        with ShardWriter(path) as writer:
-            for i, sample in enumerate(plan.samples):
-                meta = {
-                    "key": sample.key,
-                    "label": sample.label,
-                    "split": sample.split,
-                    "present": outputs[i] is not None,
-                }
-                writer.add_sample(sample.key, meta, outputs[i] or {})
-            size, digest = writer.close()
-        _publish(loc, path, rel)
-        part = {
-            "group": g.name,
-            "version": g.version,
-            "shard": plan.name,
-            "rows": rows,
-            "present": [o is not None for o in outputs],
-            "errors": errors,
-            "file": {
-                "group": g.name,
-                "version": g.version,
-                "shard": plan.name,
-                "split": plan.split,
-                "samples": n,
-                "bytes": size,
-                "sha256": digest,
-            },
-            "members": [[m.name, m.offset, m.size] for m in writer.members],
-            "moments": moments,
-        }
-        save_part(loc, part)
+        part = write_group_shard(store, g, plan, rows, outputs, errors, moments)
         parts[g.name] = part
         if not _later_uses(groups, g):  # free decoded media no later group needs
             decoded_cache = {k: v for k, v in decoded_cache.items() if k[0] != g.modality}
     return {"shard": plan.name, "parts": parts, "seconds": time.perf_counter() - t0}
+
+
+def write_group_shard(
+    store: str,
+    g: GroupTask,
+    plan: ShardPlan,
+    rows: str,
+    outputs: list[dict | None],
+    errors: list[dict],
+    moments: dict,
+    failed: bool = False,
+) -> dict:
+    """Write one group's tar for a shard (``None`` outputs become ``present: false``
+    placeholders), publish it, then record its part; returns the part."""
+    loc = Location(store)
+    rel = shard_rel(g.name, g.version, plan.name)
+    path = loc.staging_dir(rel) / f"{plan.name}.tar"
+    with ShardWriter(path) as writer:
+        for sample, out in zip(plan.samples, outputs, strict=True):
+            meta = {
+                "key": sample.key,
+                "label": sample.label,
+                "split": sample.split,
+                "present": out is not None,
+            }
+            writer.add_sample(sample.key, meta, out or {})
+        size, digest = writer.close()
+    _publish(loc, path, rel)
+    part = {
+        "group": g.name,
+        "version": g.version,
+        "shard": plan.name,
+        "rows": rows,
+        **({"failed": True} if failed else {}),
+        "present": [o is not None for o in outputs],
+        "errors": errors,
+        "file": {
+            "group": g.name,
+            "version": g.version,
+            "shard": plan.name,
+            "split": plan.split,
+            "samples": len(plan.samples),
+            "bytes": size,
+            "sha256": digest,
+        },
+        "members": [[m.name, m.offset, m.size] for m in writer.members],
+        "moments": moments,
+    }
+    save_part(loc, part)
+    return part
 
 
 def _publish(loc: Location, path: Path, rel: str) -> None:
@@ -339,16 +356,6 @@ def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc
     )
     parts = {}
     for g in groups:
-        loc = Location(store)
-        rel = shard_rel(g.name, g.version, plan.name)
-        path = loc.staging_dir(rel) / f"{plan.name}.tar"
-        with ShardWriter(path) as writer:
-            for s in plan.samples:
-                writer.add_sample(
-                    s.key, {"key": s.key, "label": s.label, "split": s.split, "present": False}, {}
-                )
-            size, digest = writer.close()
-        _publish(loc, path, rel)
         errors = [
             {
                 "key": s.key,
@@ -360,28 +367,8 @@ def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc
             }
             for s in plan.samples
         ]
-        part = {
-            "group": g.name,
-            "version": g.version,
-            "shard": plan.name,
-            "rows": rows,
-            "failed": True,
-            "present": [False] * len(plan.samples),
-            "errors": errors,
-            "file": {
-                "group": g.name,
-                "version": g.version,
-                "shard": plan.name,
-                "split": plan.split,
-                "samples": len(plan.samples),
-                "bytes": size,
-                "sha256": digest,
-            },
-            "members": [[m.name, m.offset, m.size] for m in writer.members],
-            "moments": {},
-        }
-        save_part(loc, part)
-        parts[g.name] = part
+        nothing = [None] * len(plan.samples)
+        parts[g.name] = write_group_shard(store, g, plan, rows, nothing, errors, {}, failed=True)
     return {"shard": plan.name, "parts": parts, "seconds": 0.0}
 
 

@@ -86,7 +86,7 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
             table = tables_out["samples"].select(cols).sort_by("key") if rows else pa.table({})
         elif name == "members" and rows:  # by shard, for point lookups; each (group, shard) run kept
             table = pa.Table.from_pylist(rows)
-            table = table.take(pc.sort_indices(table, [("shard", "ascending")], null_placement="at_end"))
+            table = table.take(pc.sort_indices(table, [("shard", "ascending")]))
         elif rows:
             table = pa.Table.from_pylist(rows)
         elif name == "errors":
