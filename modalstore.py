@@ -220,9 +220,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     verb = "removing" if args.yes else "would remove"
     for g, v in plan.versions:
         print(f"{verb} version {g} {v}")
-    root = Path(plan.store)
-    for path in plan.paths:
-        print(f"  {path.relative_to(root)}{'/' if path.is_dir() else ''}")
+    for rel in plan.paths:
+        print(f"  {rel}")
     print(f"{verb} {len(plan.paths)} path(s), {human_bytes(plan.bytes)} freed")
     if not args.yes:
         print("nothing deleted (dry run); run again with --yes to delete")

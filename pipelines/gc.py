@@ -1,4 +1,4 @@
-"""``modalstore gc``: remove group versions no config refers to.
+"""``modalstore gc``: remove group versions no config refers to (local or remote stores).
 
 Kept: the active version of every group (``store.json``) and the versions the given
 extraction configs would produce (so a config you switch back and forth between keeps its
@@ -11,34 +11,37 @@ the removed version's link goes.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import StoreError
+from pipelines.storage import Location
 from pipelines.store import open_store
-from pipelines.versions import VERSIONS_DIR, list_versions, read_group_meta, shard_dir, version_dir
+from pipelines.versions import VERSIONS_DIR, list_versions, read_group_meta, version_rel
 
 
 @dataclass
 class GcPlan:
-    store: str
+    store: str  # folder or URL
     keep: dict[str, list[str]]  # group -> versions kept
     versions: list[tuple[str, str]] = field(default_factory=list)  # (group, version) to remove
-    paths: list[Path] = field(default_factory=list)  # files and folders to remove
-    bytes: int = 0  # freed on disk (files not also linked from a kept version)
+    paths: list[str] = field(default_factory=list)  # files and folders to remove, relative to the store
+    bytes: int = 0  # freed (local stores: files not also linked from a kept version)
 
     @property
     def empty(self) -> bool:
         return not self.paths
 
 
-def _size(path: Path) -> int:
+def _size(loc: Location, rel: str) -> int:
+    if loc.remote:
+        return int(loc.fs.du(f"{loc.base}/{rel}"))
+    path = loc.path / rel
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files if p.stat().st_nlink == 1)
 
 
-def config_versions(config_path: str | Path, store: Path) -> dict[str, str]:
+def config_versions(config_path: str | Path, store: Location) -> dict[str, str]:
     """The version every group of an extraction config has (or would have) in ``store``.
 
     A fit-then-transform group that was never fitted on this train split has no version yet.
@@ -48,7 +51,13 @@ def config_versions(config_path: str | Path, store: Path) -> dict[str, str]:
     from pipelines.versions import find_fitted, fit_key
 
     config = load_extract_config(config_path)
-    if Path(config.store).resolve() != store.resolve():
+    same = (
+        Location(config.store).url == store.url
+        if store.remote
+        else not Location(config.store).remote
+        and Location(config.store).path.resolve() == store.path.resolve()
+    )
+    if not same:
         raise StoreError(f"{config_path}: config is for store {config.store!r}, not {str(store)!r}")
     manifest, _, tasks, _ = prepare(config, incremental=False)
     train = [s for s in manifest.samples if s.split == "train"]
@@ -59,65 +68,56 @@ def config_versions(config_path: str | Path, store: Path) -> dict[str, str]:
             fitted = find_fitted(store, task.name, fit_key(task.extractor, cls.version, task.params, train))
             if fitted is None:
                 continue
-            task = dataclasses.replace(task, artifact=str(store / fitted["artifact"]["path"]))
+            task = dataclasses.replace(task, artifact=str(store.join(fitted["artifact"]["path"])))
         known.append(task)
     return {t.name: t.version for t in version_tasks(config, manifest, tuple(known))}
 
 
 def plan_gc(path: str | Path, configs: list[str | Path] = ()) -> GcPlan:
-    """What ``gc`` would remove from the store at ``path``, keeping active and configs' versions."""
+    """What ``gc`` would remove from the store at ``path`` (a folder or an fsspec URL),
+    keeping the active versions and those the ``configs`` produce."""
     store = open_store(path)
-    if store.url is not None:
-        raise StoreError(
-            f"{store.url}: gc works on local stores only so far; list versions with "
-            "`modalstore inspect` and delete them with your object store's tools"
-        )
-    root = store.root
+    loc = Location(store.url or store.root)
     keep: dict[str, set[str]] = {g: {store.meta["groups"][g]["version"]} for g in store.groups}
     for cfg in configs:
-        for g, v in config_versions(cfg, root).items():
+        for g, v in config_versions(cfg, loc).items():
             keep.setdefault(g, set()).add(v)
-    plan = GcPlan(str(root), {g: sorted(v) for g, v in keep.items()})
-    on_disk = list_versions(root)
+    plan = GcPlan(str(loc), {g: sorted(v) for g, v in keep.items()})
+    on_disk = list_versions(loc)
     for g, versions in on_disk.items():
         for v in versions:
             if v not in keep.get(g, set()):
                 plan.versions.append((g, v))
-                plan.paths += [p for p in (version_dir(root, g, v), shard_dir(root, g, v)) if p.exists()]
-    shards = root / "shards"
-    if shards.is_dir():  # shard folders without a version record: an unfinished write or stray copy
-        for gdir in sorted(p for p in shards.iterdir() if p.is_dir()):
-            for vdir in sorted(p for p in gdir.iterdir() if p.is_dir()):
-                if vdir.name not in on_disk.get(gdir.name, []):
-                    plan.paths.append(vdir)
+                plan.paths += [rel for rel in (version_rel(g, v), f"shards/{g}/{v}") if loc.exists(rel)]
+    for g in loc.listdir("shards"):  # shard folders without a version record: a stray copy
+        for v in loc.listdir(f"shards/{g}"):
+            if v not in on_disk.get(g, []) and not v.startswith("."):
+                plan.paths.append(f"shards/{g}/{v}")
     used = {
-        (read_group_meta(root, g, v) or {}).get("artifact", {}).get("path")
+        (read_group_meta(loc, g, v) or {}).get("artifact", {}).get("path")
         for g, vs in keep.items()
         for v in vs
     }
-    artifacts = root / "artifacts"
-    if artifacts.is_dir():
-        plan.paths += [p for p in sorted(artifacts.iterdir()) if f"artifacts/{p.name}" not in used]
-    removed = set(plan.paths)
-    plan.paths += [
-        p
-        for sub in ("shards", VERSIONS_DIR, "catalog")
-        for p in sorted((root / sub).rglob(".*.tmp*"))
-        if not any(parent in removed for parent in p.parents)
-    ]
-    plan.bytes = sum(_size(p) for p in plan.paths)
+    plan.paths += [f"artifacts/{a}" for a in loc.listdir("artifacts") if f"artifacts/{a}" not in used]
+    if not loc.remote:  # temporary files of interrupted local writes (objects appear whole)
+        removed = set(plan.paths)
+        for sub in ("shards", VERSIONS_DIR, "catalog"):
+            for p in sorted((loc.path / sub).rglob(".*.tmp*")):
+                rel = p.relative_to(loc.path)
+                if not any(str(parent) in removed for parent in rel.parents):
+                    plan.paths.append(str(rel))
+    plan.bytes = sum(_size(loc, rel) for rel in plan.paths)
     return plan
 
 
 def run_gc(plan: GcPlan) -> None:
-    """Remove what ``plan`` lists."""
-    for p in plan.paths:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-    for sub in ("shards", VERSIONS_DIR):  # group folders left empty
-        base = Path(plan.store) / sub
-        for gdir in base.iterdir() if base.is_dir() else ():
-            if gdir.is_dir() and not any(gdir.iterdir()):
-                gdir.rmdir()
+    """Remove what ``plan`` lists, then group folders left empty."""
+    loc = Location(plan.store)
+    for rel in plan.paths:
+        loc.remove(rel)
+    if not loc.remote:  # object stores have no empty folders
+        for sub in ("shards", VERSIONS_DIR):
+            base = loc.path / sub
+            for gdir in base.iterdir() if base.is_dir() else ():
+                if gdir.is_dir() and not any(gdir.iterdir()):
+                    gdir.rmdir()

@@ -121,6 +121,12 @@ def test_extract_stream_verify_get_on_s3(demo_dir, tmp_path, s3_endpoint, local_
     changed = load_extract_config(cfg, ["groups.audio.params.n_mfcc=13"])
     assert run_extract(changed, progress=False).computed == {"audio": first.shards, "video": 0}
     assert len(fs.ls("modalstore-test/serial/shards/audio")) == 2  # both versions, side by side
+    # gc on S3: the dry run lists the old audio version, --yes removes it, the store stays whole
+    assert main(["gc", url]) == 0 and "would remove version audio" in capsys.readouterr().out
+    assert main(["gc", url, "--yes"]) == 0
+    fs.invalidate_cache()
+    assert len(fs.ls("modalstore-test/serial/shards/audio")) == 1
+    assert verify_store(url, progress=False).ok
     # one flipped byte in a shard object: verify (from the CLI) names the shard
     shard = open_store(url).shards("train")[1]
     path = open_store(url).shard_path("video", shard).removeprefix("s3://")
