@@ -75,6 +75,9 @@ bench: $(STORE)/store.json
 	$(BIN)/python -m pip install --quiet -e '.[text,remote,dev,bench]'
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/loader_peers.py
+	$(BIN)/python benchmarks/loader_resume.py
+	$(BIN)/python benchmarks/shuffle_quality.py
+	$(BIN)/python benchmarks/loader_memory.py
 	$(BIN)/python benchmarks/fsdd_mfcc.py
 	$(BIN)/python benchmarks/store_catalog.py
 	$(BIN)/python benchmarks/gpu_loader.py --store $(STORE)
