@@ -193,12 +193,13 @@ def _cmd_get(args: argparse.Namespace) -> int:
     from pipelines.lookup import format_sample, get_sample, sample_to_json, save_npz
     from pipelines.store import open_store
 
-    sample = get_sample(args.store, args.key, groups=args.group)
+    store = open_store(args.store)
+    sample = get_sample(store, args.key, groups=args.group)
     saved = save_npz(sample, args.out) if args.out else None
     if args.json:
         print(json.dumps(sample_to_json(sample)))
     else:
-        print(format_sample(sample, open_store(args.store).classes))
+        print(format_sample(sample, store.classes))
     if saved is not None:  # on stderr with --json, so stdout stays one JSON document
         print(
             f"saved {len(saved)} array(s) to {args.out}: {', '.join(saved)}",

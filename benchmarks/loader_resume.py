@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion.loader import EpochOrder, EpochPlan, StreamingLoader  # noqa: E402
+from fusion.epochs import EpochOrder, EpochPlan  # noqa: E402
+from fusion.loader import StreamingLoader  # noqa: E402
 
 
 def resume_plan(sizes: np.ndarray, position: int, world: int, batch: int) -> float:

@@ -100,6 +100,18 @@ def _to_db(S: np.ndarray, power: float) -> np.ndarray:
     return librosa.amplitude_to_db(S, ref=1.0, amin=AMPLITUDE_AMIN, top_db=None)
 
 
+def _mel_kwargs(cfg: Any) -> dict[str, Any]:
+    """The mel filterbank and framing arguments MfccConfig and MelspecConfig share."""
+    return {
+        "sr": cfg.sample_rate,
+        "n_fft": cfg.n_fft,
+        "hop_length": cfg.hop_length,
+        "n_mels": cfg.n_mels,
+        "fmin": cfg.fmin,
+        "fmax": cfg.fmax,
+    }
+
+
 def _frames(S: np.ndarray) -> np.ndarray:
     """librosa's (bins, frames) -> contiguous float32 (frames, bins)."""
     return np.ascontiguousarray(S.T, dtype=np.float32)
@@ -176,16 +188,7 @@ class Mfcc(AudioExtractor):
 
         y = _check_audio(self.name, media)
         cfg = self.config
-        m = librosa.feature.mfcc(
-            y=y,
-            sr=cfg.sample_rate,
-            n_mfcc=cfg.n_mfcc,
-            n_fft=cfg.n_fft,
-            hop_length=cfg.hop_length,
-            n_mels=cfg.n_mels,
-            fmin=cfg.fmin,
-            fmax=cfg.fmax,
-        )  # (n_mfcc, frames)
+        m = librosa.feature.mfcc(y=y, n_mfcc=cfg.n_mfcc, **_mel_kwargs(cfg))  # (n_mfcc, frames)
         if cfg.deltas:
             m = np.concatenate([m, *deltas(m)], axis=0)
         return {"mfcc": _pool(_frames(m), cfg.pool)}
@@ -238,16 +241,7 @@ class Melspec(AudioExtractor):
 
         y = _check_audio(self.name, media)
         cfg = self.config
-        S = librosa.feature.melspectrogram(
-            y=y,
-            sr=cfg.sample_rate,
-            n_fft=cfg.n_fft,
-            hop_length=cfg.hop_length,
-            n_mels=cfg.n_mels,
-            fmin=cfg.fmin,
-            fmax=cfg.fmax,
-            power=cfg.power,
-        )  # (n_mels, frames)
+        S = librosa.feature.melspectrogram(y=y, power=cfg.power, **_mel_kwargs(cfg))  # (n_mels, frames)
         if cfg.log:
             S = _to_db(S, cfg.power)
         return {"melspec": _pool(_frames(S), cfg.pool)}

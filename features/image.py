@@ -276,7 +276,7 @@ def _check_image(image: Any) -> np.ndarray:
         raise MediaError(
             f"cnn: expected a uint8 RGB image of shape (height, width, 3), got {image.dtype} {image.shape}"
         )
-    return image if image.flags.writeable else image.copy()  # torch warns on read-only arrays
+    return image
 
 
 def _tensor(image: np.ndarray):

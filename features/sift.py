@@ -16,14 +16,9 @@ from features.registry import Extractor, register_extractor
 from features.spec import FieldSpec
 
 # The artifact helpers shared by every fit-then-transform extractor (``meta`` layout and checks).
-from features.text_fitted import artifact_meta, check_artifact, not_fitted
+from features.text_fitted import artifact_meta, check_artifact, check_int, not_fitted
 
 DESCRIPTOR_DIM = 128
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,17 +34,17 @@ class SiftConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("codebook_size", self.codebook_size, 2)
-        _check_int("nfeatures", self.nfeatures, 0)
-        _check_int("max_descriptors", self.max_descriptors, 1)
+        check_int("codebook_size", self.codebook_size, 2)
+        check_int("nfeatures", self.nfeatures, 0)
+        check_int("max_descriptors", self.max_descriptors, 1)
         if self.max_descriptors < self.codebook_size:
             raise ValueError(
                 f"max_descriptors ({self.max_descriptors}) must be >= codebook_size ({self.codebook_size})"
             )
-        _check_int("size", self.size, 0)
+        check_int("size", self.size, 0)
         if 0 < self.size < 16:
             raise ValueError(f"size must be 0 (no resize) or >= 16, got {self.size}")
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
 
 
 def _check_image(image: Any, where: str) -> np.ndarray:

@@ -64,7 +64,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if not _is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -76,7 +77,7 @@ def _check_bool(name: str, value: Any) -> None:
 
 def _check_max_features(value: Any) -> None:
     if value is not None:
-        _check_int("max_features", value, 1)
+        check_int("max_features", value, 1)
 
 
 @dataclass(frozen=True)
@@ -148,12 +149,12 @@ class LdaConfig:
     topic_word_prior: float | None = None
 
     def __post_init__(self) -> None:
-        _check_int("n_topics", self.n_topics, 1)
+        check_int("n_topics", self.n_topics, 1)
         _check_max_features(self.max_features)
-        _check_int("max_iter", self.max_iter, 1)
+        check_int("max_iter", self.max_iter, 1)
         if self.learning_method not in ("batch", "online"):
             raise ValueError(f"learning_method must be 'batch' or 'online', got {self.learning_method!r}")
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
         for name in ("doc_topic_prior", "topic_word_prior"):
             value = getattr(self, name)
             if value is not None and (
@@ -182,8 +183,8 @@ class Word2VecConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "window", "min_count", "epochs"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("seed", self.seed, 0)
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
         if self.vectors_path is not None and (
             not isinstance(self.vectors_path, str) or not self.vectors_path
         ):

@@ -80,7 +80,7 @@ def resample(h: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
     return w @ torch.where(mask.unsqueeze(-1), h, 0.0)  # (batch, steps, dim)
 
 
-def _module_key(field: str) -> str:
+def module_key(field: str) -> str:
     return field.replace(".", "__")  # nn.ModuleDict keys cannot contain dots
 
 
@@ -263,11 +263,9 @@ class GroupEncoder(nn.Module):
         for name in self.fields:
             spec = field_specs[name]
             if spec.variable:
-                encoders[_module_key(name)] = sequence_encoder(
-                    encoder, tuple(spec.shape[1:]), hidden, dropout
-                )
+                encoders[module_key(name)] = sequence_encoder(encoder, tuple(spec.shape[1:]), hidden, dropout)
             else:
-                encoders[_module_key(name)] = VectorEncoder(tuple(spec.shape), hidden, dropout)
+                encoders[module_key(name)] = VectorEncoder(tuple(spec.shape), hidden, dropout)
         self.encoders = nn.ModuleDict(encoders)
         self.mix = nn.Linear(len(self.fields) * hidden, hidden)
         self.drop = nn.Dropout(dropout)
@@ -276,7 +274,7 @@ class GroupEncoder(nn.Module):
         parts = []
         for name in self.fields:
             x = batch["features"][name]
-            parts.append(self.encoders[_module_key(name)](x, field_mask(batch, name, x)))  # (batch, hidden)
+            parts.append(self.encoders[module_key(name)](x, field_mask(batch, name, x)))  # (batch, hidden)
         return self.drop(F.relu(self.mix(torch.cat(parts, dim=-1))))  # (batch, hidden)
 
 
@@ -304,11 +302,11 @@ class GroupSequence(nn.Module):
         for name in self.fields:
             spec = field_specs[name]
             if spec.variable:
-                encoders[_module_key(name)] = sequence_encoder(
+                encoders[module_key(name)] = sequence_encoder(
                     encoder, tuple(spec.shape[1:]), hidden, dropout, pooled=False
                 )
             else:
-                encoders[_module_key(name)] = VectorEncoder(tuple(spec.shape), hidden, dropout)
+                encoders[module_key(name)] = VectorEncoder(tuple(spec.shape), hidden, dropout)
         self.encoders = nn.ModuleDict(encoders)
         self.field_embedding = nn.Parameter(0.02 * torch.randn(len(self.fields), hidden))
 
@@ -316,7 +314,7 @@ class GroupSequence(nn.Module):
         seqs, masks = [], []
         for i, name in enumerate(self.fields):
             x = batch["features"][name]
-            enc = self.encoders[_module_key(name)]
+            enc = self.encoders[module_key(name)]
             if self.variable[name]:
                 h, mask = enc.frames(x, field_mask(batch, name, x))  # (batch, time, hidden)
                 if self.steps is not None:

@@ -25,6 +25,7 @@ from torchmetrics.functional.classification import (
 
 from features.errors import ModalstoreError, StoreError
 from features.spec import FieldSpec
+from fusion.checkpoint import load_checkpoint_file
 from fusion.device import resolve_device, to_device
 from fusion.loader import StreamingLoader
 from fusion.models import create_model
@@ -103,7 +104,7 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
         raise ModalstoreError(f"{run_dir}: no checkpoint.pt; train the run first")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint_file(path)
 
 
 def model_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
@@ -145,10 +146,10 @@ def evaluate_run(
         torch.set_num_threads(config["threads"])  # as in training (TrainConfig.threads)
     model = model_from_checkpoint(checkpoint).to(dev)
 
-    def make_loader():
-        if loader_factory is not None:
-            return loader_factory(split, list(run["groups"]), False)
-        return open_loader(
+    if loader_factory is not None:
+        loader = loader_factory(split, list(run["groups"]), False)
+    else:
+        loader = open_loader(
             store or config["store"],
             split,
             run["groups"],
@@ -158,8 +159,6 @@ def evaluate_run(
             num_workers=config["num_workers"],
             device=dev,
         )
-
-    loader = make_loader()
     _check_compatible(run_dir, checkpoint, loader)
 
     out = predict(model, loader, dev)
@@ -184,7 +183,7 @@ def evaluate_run(
         err = out["values"] - out["targets"]
         metrics["regression"] = {"mse": (err**2).mean().item(), "mae": err.abs().mean().item()}
     if robustness:
-        metrics["robustness"] = robustness_scores(model, make_loader, dev, run["groups"], noise_scale)
+        metrics["robustness"] = robustness_scores(model, loader, dev, run["groups"], noise_scale)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (run_dir / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -222,15 +221,19 @@ def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classe
 
 def robustness_scores(
     model: torch.nn.Module,
-    make_loader: Callable[[], Any],
+    loader,
     device: torch.device,
     groups: list[str],
     noise_scale: float,
 ) -> dict:
-    """Accuracy with each group masked out (``masked``) and with each corrupted by noise (``noise``)."""
+    """Accuracy with each group masked out (``masked``) and with each corrupted by noise (``noise``).
+
+    ``loader`` is iterated once per group and perturbation; an unshuffled loader replays the
+    same batches each time.
+    """
 
     def accuracy(transform) -> float:
-        out = predict(model, make_loader(), device, transform)
+        out = predict(model, loader, device, transform)
         return (out["preds"] == out["labels"]).float().mean().item()
 
     def noisy(group: str):

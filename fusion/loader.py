@@ -40,18 +40,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.errors import ConfigError, ShardFormatError, StoreError
 from features.spec import FieldSpec
-from fusion.device import _on_device, resolve_device, to_device  # noqa: F401  (re-exported)
+from fusion.device import _on_device, resolve_device
 from fusion.epochs import EpochOrder, EpochPlan, resolve_world
 from fusion.shard_reader import (
-    CatalogMismatchWarning,  # noqa: F401  (raised through the loader; importable from here)
     MemberDecoder,
     ShardMembers,
-    _reference_decoder,
     iter_group_shard,
     iter_indexed_shard,
     load_member_index,
 )
-from pipelines.lookup import decode_member
+from pipelines.lookup import allowed_suffix, decode_member
 from pipelines.storage import is_url
 from pipelines.store import open_store
 
@@ -62,7 +60,7 @@ STATE_VERSION = 1  # of StreamingLoader.state_dict()
 
 
 def _allowed(suffix: str) -> bool:
-    return suffix in ("json", "npy") or suffix.endswith(".npy") or suffix.startswith("__")
+    return allowed_suffix(suffix) or suffix.startswith("__")  # __key__ and webdataset's meta
 
 
 def _check_suffixes(shard: str, raws: dict[str, list[dict]]) -> None:
@@ -120,7 +118,7 @@ class JoinedShard:
     ) -> None:
         if members is None:
             raws = {g: list(iter_group_shard(p)) for g, p in paths.items()}
-            self._decode = _reference_decoder(shard)
+            self._decode = lambda g, key, suffix, data: decode_member(shard, f"{key}.{suffix}", suffix, data)
         else:
             raws = {
                 g: list(iter_indexed_shard(p, members[g], shard, g) if g in members else iter_group_shard(p))
@@ -397,11 +395,11 @@ class StreamingLoader:
             for f, spec in self.store.field_specs(g).items():
                 self.field_specs[f"{g}.{f}"] = spec
                 self.field_groups[f"{g}.{f}"] = g
-        shards = self._select_shards(shards)
+        shards, sizes = self._select_shards(shards)
         paths = {g: {s: str(self.store.shard_path(g, s)) for s in shards} for g in self.groups}
         self.dataset = ShardStream(
             shards,
-            [self._shard_sizes[s] for s in shards],
+            sizes,
             paths,
             self.field_specs,
             self.field_groups,
@@ -420,19 +418,18 @@ class StreamingLoader:
         listing = ",".join(f"{sh}:{n}" for sh, n in zip(shards, self.dataset.sizes, strict=True))
         self._fingerprint = f"{zlib.crc32(listing.encode()):08x}"
 
-    def _select_shards(self, shards: list[str] | None) -> list[str]:
+    def _select_shards(self, shards: list[str] | None) -> tuple[list[str], list[int]]:
+        """(shards, samples per shard) in split order: all of the split's, or the selection."""
         all_shards = self.store.shards(self.split)
-        self._shard_sizes = dict(
-            zip(all_shards, self.store.meta["splits"][self.split]["shard_samples"], strict=True)
-        )
-        if shards is None:
-            return all_shards
-        # a selection, e.g. from Store.select(...): read those shards only, no data rewritten
-        foreign = [sh for sh in shards if sh not in self._shard_sizes]
-        if foreign:
-            raise StoreError(f"{self.store.root}: shard(s) {foreign} are not in split {self.split!r}")
-        chosen = set(shards)
-        return [sh for sh in all_shards if sh in chosen]
+        sizes = dict(zip(all_shards, self.store.meta["splits"][self.split]["shard_samples"], strict=True))
+        if shards is not None:
+            # a selection, e.g. from Store.select(...): read those shards only, no data rewritten
+            foreign = [sh for sh in shards if sh not in sizes]
+            if foreign:
+                raise StoreError(f"{self.store.root}: shard(s) {foreign} are not in split {self.split!r}")
+            chosen = set(shards)
+            all_shards = [sh for sh in all_shards if sh in chosen]
+        return all_shards, [sizes[sh] for sh in all_shards]
 
     def _train_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(mean, std) per field from the train split; constant features keep std 1."""

@@ -29,11 +29,6 @@ def classification_loss(
     return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=label_smoothing)
 
 
-def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error for regression heads."""
-    return F.mse_loss(pred.float(), target.float())
-
-
 def training_loss(
     model: torch.nn.Module,
     out: dict,

@@ -1,12 +1,8 @@
 """Fusion models: one interface, a loader batch in, a dict of outputs out.
 
-Every model takes the same constructor arguments (the loader's ``field_specs``,
-``field_groups`` and ``num_classes``, the groups it uses, ``hidden``, ``dropout`` and the
-sequence ``encoder``, ``"conv"`` or ``"tcn"``) plus its own options, and maps a batch to
-``{"logits": (batch, classes), ...}``. Models with auxiliary objectives (reconstruction,
-auxiliary heads) return their weighted terms from ``aux_losses``; ``pretrain_loss`` is the
-unsupervised objective of models that have one. The ``present`` mask of the batch is respected:
-a missing modality never contributes, whatever its (zeroed) features hold. Adding a model::
+The interface (shared constructor arguments, ``aux_losses``, ``pretrain_loss``) and the registry
+are in ``fusion.registry``. The ``present`` mask of the batch is respected: a missing modality
+never contributes, whatever its (zeroed) features hold. Adding a model::
 
     @register_model
     class MyFusion(FusionModel):

@@ -18,6 +18,7 @@ from fusion.encoders import (
     field_mask,
     input_norm,
     masked_mean,
+    module_key,
     resample,
 )
 from fusion.registry import FusionModel, classifier_head, register_model
@@ -144,7 +145,7 @@ class TCNFusion(FusionModel):
         norms, dim = {}, len(self.groups)
         for _, f, spec in self.fields:
             d = math.prod(spec.shape[1:] if spec.variable else spec.shape)
-            norms[f.replace(".", "__")] = (
+            norms[module_key(f)] = (
                 input_norm(d) if spec.variable else (Standardize(d) if d > 1 else SignedLog())
             )
             dim += d
@@ -158,7 +159,7 @@ class TCNFusion(FusionModel):
         channels = []
         for g, f, spec in self.fields:
             x = batch["features"][f]
-            norm = self.norms[f.replace(".", "__")]
+            norm = self.norms[module_key(f)]
             keep = pf[:, self.groups.index(g), None, None]  # (batch, 1, 1)
             if spec.variable:
                 frames, mask = as_frames(x, field_mask(batch, f, x))

@@ -364,10 +364,3 @@ class MemberDecoder:
             if value is not None:
                 return value
         return decode_member(self.shard, f"{key}.{suffix}", suffix, bytes(data))
-
-
-def _reference_decoder(shard: str):
-    def decode(group: str, key: str, suffix: str, data):
-        return decode_member(shard, f"{key}.{suffix}", suffix, data)
-
-    return decode

@@ -110,7 +110,8 @@ def download_mnist(
     else torchvision's mirror). Each file must match ``sha256`` (default ``MNIST_SHA256``, the
     original files). Files already in the cache are checked, not fetched again.
     """
-    from pipelines.download import download, sha256_file
+    from pipelines.download import download
+    from pipelines.manifest import sha256_file
 
     url = url or os.environ.get("MODALSTORE_MNIST_URL") or MNIST_MIRROR_URL
     checks = MNIST_SHA256 if sha256 is None else sha256
@@ -119,7 +120,9 @@ def download_mnist(
     for name in MNIST_SHA256:
         file_url = url.rstrip("/") + "/" + name
         path = download(file_url, folder / name, sha256=checks.get(name), progress=progress)
-        files[name] = {"url": file_url, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        # download() has already checked a pinned hash: hash again only when nothing was pinned
+        digest = checks.get(name) or sha256_file(path)
+        files[name] = {"url": file_url, "bytes": path.stat().st_size, "sha256": digest}
     read_mnist(folder)  # valid IDX files, or an error naming them
     (folder / "source.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
     return folder
@@ -157,7 +160,8 @@ def download_fsdd(
     its file name; ``fsdd/source.json`` records the URL, size and sha256 of what was fetched.
     A cache already unpacked from the same URL is reused.
     """
-    from pipelines.download import download, sha256_file
+    from pipelines.download import download
+    from pipelines.manifest import sha256_file
 
     url = url or os.environ.get("MODALSTORE_FSDD_URL") or FSDD_ARCHIVE_URL
     folder = Path(cache_dir) / "fsdd"
@@ -190,7 +194,12 @@ def download_fsdd(
         raise ConfigError(f"{url}: the archive holds no recordings/DIGIT_SPEAKER_INDEX.wav; is it FSDD?")
     shutil.rmtree(recordings, ignore_errors=True)
     os.replace(unpacking, recordings)  # the folder appears whole or not at all
-    info = {"url": url, "bytes": archive.stat().st_size, "sha256": sha256_file(archive), "recordings": count}
+    info = {
+        "url": url,
+        "bytes": archive.stat().st_size,
+        "sha256": sha256 or sha256_file(archive),
+        "recordings": count,
+    }
     source.write_text(json.dumps(info, indent=2) + "\n")
     archive.unlink()  # the recordings are what the recipe reads; source.json keeps the archive's identity
     return folder

@@ -8,7 +8,6 @@ reads ``file://`` URLs (a local mirror).
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -18,20 +17,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from features.errors import ModalstoreError
+from pipelines.manifest import sha256_file
 
 CHUNK = 1 << 16
 
 
 class DownloadError(ModalstoreError, OSError):
     """A download failed or its content is not what was expected (names the URL)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(

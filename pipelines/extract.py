@@ -42,6 +42,7 @@ from pipelines.versions import (
     remove_leftovers,
     reuse_shard,
     rows_hash,
+    same_config_versions,
     save_part,
     shard_rel,
     write_group_meta,
@@ -110,6 +111,7 @@ class GroupTask:
     params: dict[str, Any]
     modality: str
     artifact: str | None = None  # fitted state (.npz) of a fit-then-transform extractor
+    artifact_sha: str | None = None  # its sha256 (part of the group's version)
     remote_timeout: float = 60.0  # per media URL read, from ExtractConfig
     version: str = ""  # content hash naming the group's output (pipelines/versions.py)
     config_hash: str = ""  # the version without the manifest: shards with the same rows are reused
@@ -195,14 +197,16 @@ def _restore_threads() -> None:
         torch.set_num_threads(_TORCH_THREADS[0])
 
 
-def _error_row(sample, group: str, shard: str, stage: str, exc: BaseException) -> dict:
+def _error_row(
+    sample, group: str, shard: str, stage: str, exc: BaseException, message: str | None = None
+) -> dict:
     return {
         "key": sample.key,
         "group": group,
         "shard": shard,
         "stage": stage,
         "error_type": type(exc).__name__,
-        "message": str(exc)[:2000],
+        "message": (str(exc) if message is None else message)[:2000],
     }
 
 
@@ -356,17 +360,7 @@ def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc
     )
     parts = {}
     for g in groups:
-        errors = [
-            {
-                "key": s.key,
-                "group": g.name,
-                "shard": plan.name,
-                "stage": "worker",
-                "error_type": type(exc).__name__,
-                "message": message,
-            }
-            for s in plan.samples
-        ]
+        errors = [_error_row(s, g.name, plan.name, "worker", exc, message) for s in plan.samples]
         nothing = [None] * len(plan.samples)
         parts[g.name] = write_group_shard(store, g, plan, rows, nothing, errors, {}, failed=True)
     return {"shard": plan.name, "parts": parts, "seconds": 0.0}
@@ -497,14 +491,11 @@ def version_tasks(
     """Give every task its config hash and version (fitted tasks need their artifact first)."""
     out = []
     for task in tasks:
-        art_sha = None
-        if task.artifact is not None:
-            art_sha = hashlib.sha256(read_url(task.artifact)).hexdigest()
         cfg = config_hash(
             task.extractor,
             get_extractor(task.extractor).version,
             task.params,
-            art_sha,
+            task.artifact_sha,
             config.samples_per_shard,
             config.missing_media,
         )
@@ -558,7 +549,9 @@ def fit_groups(
             }
             errors[task.name] = result["errors"]
         path = store.join(artifact["path"])
-        task = dataclasses.replace(task, artifact=str(path if store.remote else path.resolve()))
+        task = dataclasses.replace(
+            task, artifact=str(path if store.remote else path.resolve()), artifact_sha=artifact["sha256"]
+        )
         metas[task.name] = group_meta(task, _extractor(task), artifact)
         out.append(task)
     return tuple(out), errors
@@ -664,13 +657,14 @@ def run_extract(
 
     parts: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}  # group -> shard -> part
     reused = {t.name: 0 for t in tasks}
+    siblings = {t.name: same_config_versions(store, t.name, t.version, t.config_hash) for t in tasks}
     todo: list[tuple[ShardPlan, tuple[GroupTask, ...]]] = []
     for plan in plans:
         missing = []
         for task in tasks:
             part = load_part(store, task.name, task.version, plan)
             if part is None:
-                part = reuse_shard(store, task.name, task.version, task.config_hash, plan)
+                part = reuse_shard(store, task.name, task.version, siblings[task.name], plan)
                 reused[task.name] += part is not None
             if part is None:
                 missing.append(task)
@@ -723,11 +717,14 @@ def run_extract(
             raise
     bar.close()
     remove_leftovers(store)  # temporary files of attempts on workers that were killed
-    _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_errors, identity)
-    computed = {t.name: sum(1 for _, gs in todo if t in gs) for t in tasks}
     all_errors = [e for rows in fit_errors.values() for e in rows] + [
         e for plan in plans for t in tasks for e in parts[t.name][plan.name]["errors"]
     ]
+    failed = sorted({p.name for p in plans for t in tasks if parts[t.name][p.name].get("failed")})
+    _finish_store(
+        store, config, manifest, plans, tasks, metas, parts, fit_errors, identity, failed, len(all_errors)
+    )
+    computed = {t.name: sum(1 for _, gs in todo if t in gs) for t in tasks}
     return ExtractSummary(
         str(store),
         len(manifest),
@@ -738,16 +735,17 @@ def run_extract(
         resumed_shards=resumed,
         computed=computed,
         reused=reused,
-        failed_shards=sorted({r for t in tasks for r, p in parts[t.name].items() if p.get("failed")}),
+        failed_shards=failed,
     )
 
 
-def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_errors, identity) -> None:
+def _finish_store(
+    store, config, manifest, plans, tasks, metas, parts, fit_errors, identity, failed, n_errors
+) -> None:
     """Statistics per version, the catalog of the active versions, and store.json last.
 
-    A store with failed shards (placeholders) gets no identity, so the next run retries them.
+    A store with ``failed`` shards (placeholders) gets no identity, so the next run retries them.
     """
-    failed = sorted({p.name for p in plans for t in tasks if parts[t.name][p.name].get("failed")})
     for task in tasks:
         stats_rel = f"{VERSIONS_DIR}/{task.name}/{task.version}/stats.npz"
         partial = f"{VERSIONS_DIR}/{task.name}/{task.version}/stats.partial"  # a shard failed
@@ -788,7 +786,6 @@ def _finish_store(store, config, manifest, plans, tasks, metas, parts, fit_error
             "config": to_dict(config),
             "identity": None if failed else identity,
             "failed_shards": failed,
-            "errors": sum(len(v) for v in fit_errors.values())
-            + sum(len(parts[t.name][p.name]["errors"]) for t in tasks for p in plans),
+            "errors": n_errors,
         },
     )

@@ -68,7 +68,10 @@ def config_versions(config_path: str | Path, store: Location) -> dict[str, str]:
             fitted = find_fitted(store, task.name, fit_key(task.extractor, cls.version, task.params, train))
             if fitted is None:
                 continue
-            task = dataclasses.replace(task, artifact=str(store.join(fitted["artifact"]["path"])))
+            art = fitted["artifact"]
+            task = dataclasses.replace(
+                task, artifact=str(store.join(art["path"])), artifact_sha=art["sha256"]
+            )
         known.append(task)
     return {t.name: t.version for t in version_tasks(config, manifest, tuple(known))}
 

@@ -23,10 +23,19 @@ from features.errors import ModalstoreError, ShardFormatError, StoreError
 from pipelines import shards as shard_format
 from pipelines.inspect import catalog_path, format_table
 from pipelines.storage import open_url
-from pipelines.store import open_store
+from pipelines.store import Store, open_store
 
 _HEADER = 512
 NPY_MAX_HEADER = 10000  # np.load's max_header_size when allow_pickle=False
+
+
+def is_npy(suffix: str) -> bool:
+    return suffix == "npy" or suffix.endswith(".npy")
+
+
+def allowed_suffix(suffix: str) -> bool:
+    """Whether ``decode_member`` decodes a member with this suffix (``.json``, ``.npy``) at all."""
+    return suffix == "json" or is_npy(suffix)
 
 
 def _decode_plain(shard: str, name: str, suffix: str, data: bytes):
@@ -36,7 +45,7 @@ def _decode_plain(shard: str, name: str, suffix: str, data: bytes):
             return json.loads(data)
         except ValueError as exc:
             raise ShardFormatError(f"{shard}: member {name!r}: invalid JSON: {exc}") from exc
-    if suffix == "npy" or suffix.endswith(".npy"):
+    if is_npy(suffix):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as exc:
@@ -50,11 +59,11 @@ def _decode_plain(shard: str, name: str, suffix: str, data: bytes):
 
 def decode_member(shard: str, name: str, suffix: str, data):
     """Decode one member under the loader's rules (``.npy`` without pickle, ``.json``), hardened
-    for hostile bytes; the streaming loader (``fusion.shard_reader``) uses this same function. A ``.npy`` header whose
+    for hostile bytes; the streaming loader uses this same function. A ``.npy`` header whose
     shape does not fit the payload is refused before ``np.load`` allocates it, and any other
     decoder failure (``np.load`` raises TokenError, TypeError, EOFError... on crafted headers;
     deeply nested JSON, RecursionError) is a ShardFormatError naming the member."""
-    if suffix == "npy" or suffix.endswith(".npy"):
+    if is_npy(suffix):
         problem = _npy_size_problem(data)
         if problem is not None:
             raise ShardFormatError(f"{shard}: member {name!r}: {problem}")
@@ -164,18 +173,16 @@ def point_lookup(store, name: str, column: str, value: str, columns: list[str]):
         else:
             hi = mid
     groups = []
-    for i in range(lo, pf.num_row_groups):
+    for i in range(lo, pf.num_row_groups):  # the groups from there on that can still hold it
         low = bounds(i)[0]
-        if low is not None and low > value and groups:
-            break
-        groups.append(i)
         if low is not None and low > value:
             break
+        groups.append(i)
     table = pf.read_row_groups(groups, columns=list(dict.fromkeys([*columns, column])))
     return table.filter(pc.field(column) == value).select(columns)
 
 
-def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> dict:
+def get_sample(path: str | Path | Store, key: str, groups: list[str] | None = None) -> dict:
     """One sample's metadata and arrays, read by random access.
 
     Returns ``{"key", "split", "label", "shard", "index", "groups": {group: {"present",
@@ -183,7 +190,7 @@ def get_sample(path: str | Path, key: str, groups: list[str] | None = None) -> d
     """
     import pyarrow.compute as pc
 
-    store = open_store(path)
+    store = path if isinstance(path, Store) else open_store(path)
     groups = store.check_groups(groups)
     # catalog/keys.parquet is sorted by key in small row groups: one is read, whatever the size
     index = "keys" if (store.root / "catalog" / "keys.parquet").exists() else "samples"

@@ -161,3 +161,8 @@ class Location:
         folder = (self.path / rel).parent
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+def as_location(store) -> Location:
+    """``store`` as a Location: a folder or URL, or a Location already."""
+    return store if isinstance(store, Location) else Location(store)

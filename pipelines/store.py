@@ -28,6 +28,7 @@ from pathlib import Path
 from features.errors import StoreError
 from features.spec import FieldSpec
 from pipelines.shards import write_atomic, write_error
+from pipelines.storage import Location, as_location, is_url, local_path
 
 STORE_FILE = "store.json"
 # Row groups of the catalog tables: rows are in shard order, so a lookup by shard reads one
@@ -60,9 +61,7 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipelines.storage import Location
-
-    loc = store if isinstance(store, Location) else Location(store)
+    loc = as_location(store)
     samples, files, members = [], [], []
     errors = [e for t in tasks for e in fit_errors.get(t.name, [])]
     for plan in plans:
@@ -78,27 +77,26 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
                 {"group": p["group"], "shard": plan.name, "member": m, "offset": o, "size": n}
                 for m, o, n in p["members"]
             )
-    tables = {"samples": samples, "shards": files, "errors": errors, "members": members, "keys": samples}
-    tables_out: dict = {}
-    for name, rows in tables.items():
-        if name == "keys":  # the key index for point lookups: key order, the sample's location
-            cols = ["key", "split", "label", "shard", "index"]
-            table = tables_out["samples"].select(cols).sort_by("key") if rows else pa.table({})
-        elif name == "members" and rows:  # by shard, for point lookups; each (group, shard) run kept
-            table = pa.Table.from_pylist(rows)
-            table = table.take(pc.sort_indices(table, [("shard", "ascending")]))
-        elif rows:
-            table = pa.Table.from_pylist(rows)
-        elif name == "errors":
-            table = pa.schema([pa.field(n, getattr(pa, t)()) for n, t in _SCHEMAS["errors"]]).empty_table()
-        else:
-            table = pa.table({})
-        tables_out[name] = table
+    error_schema = pa.schema([pa.field(n, getattr(pa, t)()) for n, t in _SCHEMAS["errors"]])
+    tables = {
+        "samples": pa.Table.from_pylist(samples) if samples else pa.table({}),
+        "shards": pa.Table.from_pylist(files) if files else pa.table({}),
+        "errors": pa.Table.from_pylist(errors) if errors else error_schema.empty_table(),
+        "members": pa.Table.from_pylist(members) if members else pa.table({}),
+    }
+    if samples:  # point lookups: members by shard (each (group, shard) run kept), the key index by key
+        tables["members"] = tables["members"].take(
+            pc.sort_indices(tables["members"], [("shard", "ascending")])
+        )
+        tables["keys"] = tables["samples"].select(["key", "split", "label", "shard", "index"]).sort_by("key")
+    else:
+        tables["keys"] = pa.table({})
+    for name, table in tables.items():
         rel = f"catalog/{name}.parquet"
         tmp = loc.staging_dir(rel) / f".{name}.parquet.tmp"
+        rows = LOOKUP_ROW_GROUP if name in ("keys", "members") else CATALOG_ROW_GROUP
         try:
-            small = name in ("keys", "members")
-            pq.write_table(table, tmp, row_group_size=LOOKUP_ROW_GROUP if small else CATALOG_ROW_GROUP)
+            pq.write_table(table, tmp, row_group_size=rows)
             loc.put_file(tmp, rel)
         except OSError as exc:  # e.g. a full disk: no half table under the final name
             tmp.unlink(missing_ok=True)
@@ -110,16 +108,8 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
 
 def write_store_manifest(store, body: dict) -> None:
     """Write ``store.json`` (last: it marks the store complete)."""
-    from pipelines.storage import Location
-
-    loc = store if isinstance(store, Location) else Location(store)
-
-    meta = {
-        "format": "modalstore",
-        "format_version": FORMAT_VERSION,
-        **body,
-    }
-    loc.write_bytes(STORE_FILE, json.dumps(meta, indent=2, sort_keys=False, default=str).encode())
+    meta = {"format": "modalstore", "format_version": FORMAT_VERSION, **body}
+    as_location(store).write_bytes(STORE_FILE, json.dumps(meta, indent=2, default=str).encode())
 
 
 @dataclass
@@ -245,8 +235,6 @@ def _open_remote(url: str) -> Store:
     changes gets a fresh copy); shards stay remote and are read from the URL."""
     import hashlib
 
-    from pipelines.storage import Location
-
     loc = Location(url)
     try:
         data = loc.read_bytes(STORE_FILE)
@@ -268,8 +256,6 @@ def _open_remote(url: str) -> Store:
 
 def open_store(path: str | Path) -> Store:
     """Open a finished store (a folder or an fsspec URL); a missing or incomplete one is a StoreError."""
-    from pipelines.storage import is_url, local_path
-
     if is_url(path):
         return _open_remote(str(path))
     root = local_path(path)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.shards import ShardPlan
-from pipelines.storage import Location
+from pipelines.storage import as_location
 
 VERSIONS_DIR = "versions"
 VERSION_CHARS = 16  # hex digits of sha256 kept in a version name
@@ -71,10 +71,6 @@ def fit_key(extractor: str, extractor_version: int, params: dict, train_samples)
     """What a fitted artifact is a function of: the extractor config and the train rows."""
     rows = [(s.key, s.label, s.media) for s in train_samples]
     return _sha([extractor, extractor_version, params, rows])
-
-
-def as_location(store) -> Location:
-    return store if isinstance(store, Location) else Location(store)
 
 
 def version_rel(group: str, version: str) -> str:
@@ -176,20 +172,25 @@ def find_fitted(store, group: str, key: str) -> dict | None:
     return None
 
 
-def reuse_shard(store, group: str, version: str, cfg_hash: str, plan: ShardPlan) -> dict | None:
-    """Take a shard from another version of ``group`` with the same config and the same rows.
+def same_config_versions(store, group: str, version: str, cfg_hash: str) -> list[str]:
+    """The other versions of ``group`` made with the same config (they differ in rows only)."""
+    loc = as_location(store)
+    return [
+        other
+        for other in list_versions(loc).get(group, [])
+        if other != version and (read_group_meta(loc, group, other) or {}).get("config_hash") == cfg_hash
+    ]
+
+
+def reuse_shard(store, group: str, version: str, siblings: list[str], plan: ShardPlan) -> dict | None:
+    """Take a shard with the same rows from one of ``siblings`` (``same_config_versions``).
 
     The tar is hard-linked (its bytes and modification time stay those of the original; a
     server-side copy on object storage) and the part is copied under this version. Returns
-    the part, or None when no version has it.
+    the part, or None when no sibling has it.
     """
     loc = as_location(store)
-    for other in list_versions(loc).get(group, []):
-        if other == version:
-            continue
-        meta = read_group_meta(loc, group, other)
-        if meta is None or meta.get("config_hash") != cfg_hash:
-            continue
+    for other in siblings:
         part = load_part(loc, group, other, plan)
         if part is None:
             continue

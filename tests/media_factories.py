@@ -53,6 +53,12 @@ def make_shifted_frames(
     return np.stack(out)
 
 
+def make_rgb_video(frames: int = 5, height: int = 40, width: int = 56, seed: int = 0) -> np.ndarray:
+    """uint8 (frames, height, width, 3): a moving texture, a different mix per channel."""
+    gray = make_shifted_frames(frames=frames, size=max(height, width), seed=seed)[:, :height, :width]
+    return np.stack([gray, 255 - gray, gray // 2 + 60], axis=-1)
+
+
 def make_media(modality: str, request: dict | None = None, seed: int = 0):
     """A small decoded media item of ``modality`` honouring an extractor's decode request."""
     request = request or {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from media_factories import make_rgb_video
 
 from features import create_extractor
 from features.errors import ConfigError, MediaError
@@ -29,13 +30,8 @@ def _resize_normalise(frames, size, mean_std):
 
 
 @pytest.fixture
-def make_video(shifted_frames_factory):
-    def make(frames=5, height=40, width=56, seed=0):
-        """uint8 (frames, height, width, 3): a moving texture, a different mix per channel."""
-        gray = shifted_frames_factory(frames=frames, size=max(height, width), seed=seed)[:, :height, :width]
-        return np.stack([gray, 255 - gray, gray // 2 + 60], axis=-1)
-
-    return make
+def make_video():
+    return make_rgb_video
 
 
 # --- frame_cnn ----------------------------------------------------------------------------

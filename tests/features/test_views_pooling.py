@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from media_factories import make_rgb_video
 
 from features import create_extractor
 from features.errors import ConfigError
@@ -122,12 +123,8 @@ def test_cnn_views_without_flip_never_flip(image_factory):
 
 
 @pytest.fixture
-def make_video(shifted_frames_factory):
-    def make(frames=3, height=40, width=56, seed=0):
-        gray = shifted_frames_factory(frames=frames, size=max(height, width), seed=seed)[:, :height, :width]
-        return np.stack([gray, 255 - gray, gray // 2 + 60], axis=-1)
-
-    return make
+def make_video():
+    return make_rgb_video
 
 
 def test_frame_cnn_views_share_one_crop_over_time(make_video, resnet18):

@@ -17,7 +17,8 @@ import torch
 
 from features.errors import ConfigError
 from fusion import loader as loader_mod
-from fusion.loader import EpochOrder, StreamingLoader
+from fusion.epochs import EpochOrder
+from fusion.loader import StreamingLoader
 from pipelines.store import open_store
 
 
