@@ -74,6 +74,7 @@ test: $(STAMP)
 bench: $(STORE)/store.json
 	$(BIN)/python -m pip install --quiet -e '.[text,remote,dev,bench]'
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/extract_overhead.py
 	$(BIN)/python benchmarks/loader_peers.py
 	$(BIN)/python benchmarks/loader_resume.py
 	$(BIN)/python benchmarks/shuffle_quality.py

@@ -269,21 +269,21 @@ def _demo_groups() -> dict:
     return yaml.safe_load((ROOT / "configs" / "extract_demo.yaml").read_text())["groups"]
 
 
-def _warm_demo_worker(groups: dict) -> None:
+def _warm_demo_worker(groups: dict, media: dict) -> None:
+    """What the bare loop's warm-up does, on a worker: load each model and run it on one sample."""
     from features import create_extractor
     from pipelines.extract import GroupTask, _extractor
-    from pipelines.media import decode  # noqa: F401
+    from pipelines.media import decode
 
     for name, g in groups.items():
         ex = create_extractor(g["extractor"], g.get("params", {}))
-        _extractor(GroupTask(name, g["extractor"], ex.params(), ex.modality))
+        ex = _extractor(GroupTask(name, g["extractor"], ex.params(), ex.modality))
+        ex.extract_batch([decode(ex.modality, media[ex.modality], ex.decode_request())])
 
 
-def bare_demo_loop(samples, groups: dict, chunk: int) -> float:
-    """The demo's four extractors over the samples in one process, batched as in a shard task.
-
-    One core, as each Dask worker gets: torch, OpenCV and BLAS pinned to one thread.
-    """
+def demo_extractors(groups: dict, sample) -> list:
+    """The demo's extractors, set up and run once on ``sample`` (warm), in a process pinned to
+    one thread (torch, OpenCV, BLAS) as each Dask worker is."""
     import cv2
     import torch
     from threadpoolctl import threadpool_limits
@@ -297,7 +297,14 @@ def bare_demo_loop(samples, groups: dict, chunk: int) -> float:
     exs = [create_extractor(g["extractor"], g.get("params", {})) for g in groups.values()]
     for ex in exs:
         ex.setup()
-        ex.extract_batch([decode(ex.modality, samples[0].media[ex.modality], ex.decode_request())])  # warm
+        ex.extract_batch([decode(ex.modality, sample.media[ex.modality], ex.decode_request())])
+    return exs
+
+
+def demo_loop(exs: list, samples, chunk: int) -> float:
+    """Seconds to decode and extract ``samples`` with ``exs``, batched as in a shard task."""
+    from pipelines.media import decode
+
     t0 = time.perf_counter()
     for i in range(0, len(samples), chunk):
         part = samples[i : i + chunk]
@@ -305,65 +312,6 @@ def bare_demo_loop(samples, groups: dict, chunk: int) -> float:
             req = ex.decode_request()
             ex.extract_batch([decode(ex.modality, s.media[ex.modality], req) for s in part])
     return time.perf_counter() - t0
-
-
-def pipeline_demo(manifest: Path, groups: dict, chunk: int, workers: int) -> float:
-    import yaml
-
-    from pipelines.cluster import local_client, shutdown
-    from pipelines.extract import load_extract_config, run_extract
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "c.yaml"
-        cfg.write_text(
-            yaml.safe_dump(
-                {
-                    "manifest": str(manifest),
-                    "store": f"{tmp}/store",
-                    "samples_per_shard": chunk,
-                    "groups": groups,
-                }
-            )
-        )
-        config = load_extract_config(cfg)
-        client = local_client(workers)
-        try:
-            client.run(_warm_demo_worker, groups)
-            t0 = time.perf_counter()
-            run_extract(config, client=client, progress=False)
-            return time.perf_counter() - t0
-        finally:
-            shutdown(client)
-
-
-def demo_overhead(n: int = 768, chunk: int = 32) -> list[str]:
-    """Dask pipeline vs a bare loop over the demo's extractors, per core."""
-    import csv
-
-    from pipelines.manifest import read_manifest
-
-    groups = _demo_groups()
-    samples = read_manifest(DATA / "manifest.csv").samples[:n]
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = Path(tmp) / "m.csv"
-        with open(manifest, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["key", "label", "split", "image", "audio", "video", "text"])
-            for s in samples:
-                w.writerow(
-                    [s.key, s.label, s.split, *(s.media[m] for m in ("image", "audio", "video", "text"))]
-                )
-        bare = bare_demo_loop(samples, groups, chunk)
-        cores = min(2, os.cpu_count() or 1)
-        dask = pipeline_demo(manifest, groups, chunk, cores)
-    overhead = (bare / cores) / dask
-    return [
-        f"| demo config (cnn + mfcc + flow + sentence): bare loop, 1 process (baseline) | {n / bare:,.1f} | 1.00 |",
-        f"| demo config: `modalstore extract`, Dask {cores} workers, end to end | {n / dask:,.1f} | {bare / dask:.2f} |",
-        "",
-        f"Demo config: {n} samples in shards of {chunk}; per-core efficiency of the Dask pipeline vs the bare "
-        f"loop: {overhead:.0%} (overhead {1 / overhead - 1:+.0%} per core).",
-    ]
 
 
 # Parameters for the per-extractor table: the demo's settings where the defaults target
@@ -432,7 +380,6 @@ def main() -> int:
         f"Dask parallel efficiency vs the serial pipeline: {serial / dask / cores:.0%} of ideal on {cores} workers.",
     ]
     lines += ["", "Loading the demo store:", "", *loader_rows()]
-    lines += ["", "| what | samples/s | × baseline |", "| --- | --- | --- |", *demo_overhead()]
     lines += [
         "",
         "Per extractor, one core, demo media (decoding excluded):",

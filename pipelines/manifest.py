@@ -110,11 +110,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _resolve(value: str, base: Path) -> str:
+def _resolve(value: str, base: str) -> str:
+    """An absolute, normalised path (symlinks kept: a path costs no system call) or a URL."""
     if "://" in value:
         return value[len("file://") :] if value.startswith("file://") else value
-    p = Path(value)
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return os.path.normpath(os.path.join(base, value))
 
 
 def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
@@ -133,7 +133,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     n = len(cols["key"])
     if n == 0:
         raise ManifestError(f"{path}: manifest has no rows")
-    base = path.parent.resolve()
+    base = str(path.parent.resolve())
 
     labels = cols["label"]
     for i, lab in enumerate(labels):
