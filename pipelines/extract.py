@@ -27,7 +27,7 @@ from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, Sample, read_manifest
 from pipelines.media import decode
-from pipelines.shards import ShardPlan, ShardWriter, plan_shards
+from pipelines.shards import Layout, ShardPlan, ShardWriter, plan_shards
 from pipelines.stats import field_moments, finalize, merge_moments, stats_bytes
 from pipelines.storage import Location, read_url
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
@@ -435,7 +435,7 @@ def run_identity(plans: list[ShardPlan], tasks: tuple[GroupTask, ...]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def previous_layout(loc: Location, samples_per_shard: int) -> dict[str, tuple[str, int]] | None:
+def previous_layout(loc: Location, samples_per_shard: int) -> Layout | None:
     """The finished store's sample -> (shard, index) layout, when it used the same shard size."""
     if not loc.exists(STORE_FILE):
         return None
@@ -450,8 +450,11 @@ def previous_layout(loc: Location, samples_per_shard: int) -> dict[str, tuple[st
         table = pq.read_table(pa.BufferReader(data), columns=["key", "shard", "index"])
     except (OSError, ValueError, KeyError):
         return None  # an unreadable old store: plan afresh (the shards are recomputed, not trusted)
-    cols = table.to_pydict()
-    return {k: (sh, i) for k, sh, i in zip(cols["key"], cols["shard"], cols["index"], strict=True)}
+    return Layout(
+        table.column("key").combine_chunks(),
+        table.column("shard").combine_chunks(),
+        table.column("index").to_numpy().astype(np.int64),
+    )
 
 
 def prepare(
@@ -519,7 +522,7 @@ def fit_groups(
     artifact instead of fitting again. Returns the tasks (with artifact paths) and, per
     group, the error rows of media left out of its fit.
     """
-    train = tuple(s for s in manifest.samples if s.split == "train")
+    train = manifest.samples.view(manifest.split_indices("train"))
     out, errors = [], {}
     for task in tasks:
         cls = get_extractor(task.extractor)

@@ -19,13 +19,15 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from features.errors import StoreError
-from pipelines.manifest import SPLITS, Sample, sha256_file  # noqa: F401  (re-exported)
+from pipelines.manifest import SPLITS, Sample, SampleTable, sha256_file  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -34,40 +36,72 @@ class ShardPlan:
 
     name: str
     split: str
-    samples: tuple[Sample, ...]
+    samples: Sequence[Sample]  # a SampleView in the driver; a compact SampleTable once pickled
+
+
+class Layout(NamedTuple):
+    """A finished store's sample -> (shard, index) layout, as columns (``key`` is unique)."""
+
+    keys: Any  # pa.StringArray
+    shards: Any  # pa.StringArray
+    index: np.ndarray  # int64
+
+    @classmethod
+    def from_dict(cls, layout: dict[str, tuple[str, int]]) -> Layout:
+        import pyarrow as pa
+
+        return cls(
+            pa.array(list(layout), pa.string()),
+            pa.array([sh for sh, _ in layout.values()], pa.string()),
+            np.array([i for _, i in layout.values()], np.int64),
+        )
 
 
 def plan_shards(
-    samples: list[Sample], samples_per_shard: int, previous: dict[str, tuple[str, int]] | None = None
+    samples: Sequence[Sample],
+    samples_per_shard: int,
+    previous: Layout | dict[str, tuple[str, int]] | None = None,
 ) -> list[ShardPlan]:
     """Assign samples to shards split by split, in manifest order.
 
-    ``previous`` ({key: (shard, index)}, an existing store's layout) keeps every known key in
-    its shard and order, and puts new keys in new shards numbered after the last one of
-    their split: appending manifest rows then leaves every existing shard as it was.
+    ``previous`` (an existing store's layout) keeps every known key in its shard and order,
+    and puts new keys in new shards numbered after the last one of their split: appending
+    manifest rows then leaves every existing shard as it was. A plan's samples are a
+    ``SampleView`` of ``samples`` (row indices), not copies.
     """
+    import pyarrow.compute as pc
+
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    previous = previous or {}
+    table = samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+    if isinstance(previous, dict):
+        previous = Layout.from_dict(previous)
+    names: list[str] = []  # the previous layout's shard names; rows refer to them by code
+    code = np.full(len(table), -1, np.int64)
+    index = np.zeros(len(table), np.int64)
+    if previous is not None and len(previous.keys):
+        pos = pc.index_in(table.keys, value_set=previous.keys).fill_null(-1).to_numpy()
+        known = pos >= 0
+        encoded = previous.shards.dictionary_encode()
+        names = encoded.dictionary.to_pylist()
+        code[known] = encoded.indices.to_numpy(zero_copy_only=False)[pos[known]]
+        index[known] = previous.index[pos[known]]
     plans = []
-    for split in SPLITS:
-        kept: dict[str, list[tuple[int, Sample]]] = {}
-        new = []
-        for s in (s for s in samples if s.split == split):
-            shard, index = previous.get(s.key, ("", 0))
-            if shard.startswith(f"{split}-"):
-                kept.setdefault(shard, []).append((index, s))
-            else:
-                new.append(s)
-        for shard in sorted(kept):
-            plans.append(
-                ShardPlan(shard, split, tuple(s for _, s in sorted(kept[shard], key=lambda t: t[0])))
-            )
-        numbers = [int(sh.rsplit("-", 1)[1]) for sh, _ in previous.values() if sh.startswith(f"{split}-")]
+    for split_code, split in enumerate(SPLITS):
+        rows = np.flatnonzero(table.splits == split_code)
+        prefix = f"{split}-"
+        ours = np.array([n.startswith(prefix) for n in names] + [False], dtype=bool)  # [-1]: unknown key
+        mine = ours[code[rows]]
+        kept, new = rows[mine], rows[~mine]
+        for c in sorted(set(code[kept].tolist()), key=names.__getitem__):
+            in_shard = kept[code[kept] == c]
+            in_shard = in_shard[np.argsort(index[in_shard], kind="stable")]
+            plans.append(ShardPlan(names[c], split, table.view(in_shard)))
+        numbers = [int(n.rsplit("-", 1)[1]) for n in names if n.startswith(prefix)]
         start = max(numbers) + 1 if numbers else 0
         for i in range(0, len(new), samples_per_shard):
-            chunk = tuple(new[i : i + samples_per_shard])
-            plans.append(ShardPlan(f"{split}-{start + i // samples_per_shard:06d}", split, chunk))
+            name = f"{split}-{start + i // samples_per_shard:06d}"
+            plans.append(ShardPlan(name, split, table.view(new[i : i + samples_per_shard])))
     return plans
 
 

@@ -33,7 +33,7 @@ VERSION_CHARS = 16  # hex digits of sha256 kept in a version name
 
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(_dumps(obj).encode()).hexdigest()
 
 
 def config_hash(
@@ -68,9 +68,21 @@ def rows_hash(plan: ShardPlan) -> str:
 
 
 def fit_key(extractor: str, extractor_version: int, params: dict, train_samples) -> str:
-    """What a fitted artifact is a function of: the extractor config and the train rows."""
-    rows = [(s.key, s.label, s.media) for s in train_samples]
-    return _sha([extractor, extractor_version, params, rows])
+    """What a fitted artifact is a function of: the extractor config and the train rows.
+
+    The sha256 of ``json.dumps([extractor, extractor_version, params, rows])``, fed row by row
+    (the same bytes, without the whole JSON text in memory).
+    """
+    h = hashlib.sha256()
+    h.update(_dumps([extractor, extractor_version, params, []])[:-2].encode())
+    for i, s in enumerate(train_samples):
+        h.update((", " * bool(i) + _dumps([s.key, s.label, s.media])).encode())
+    h.update(b"]]")
+    return h.hexdigest()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
 
 
 def version_rel(group: str, version: str) -> str:
