@@ -45,6 +45,7 @@ from pipelines.versions import (
     same_config_versions,
     save_part,
     shard_rel,
+    slim_part,
     write_group_meta,
 )
 
@@ -282,8 +283,7 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
             moments = {
                 f: field_moments([o[f] for o in outputs if o is not None], spec[f].variable) for f in spec
             }
-        part = write_group_shard(store, g, plan, rows, outputs, errors, moments)
-        parts[g.name] = part
+        parts[g.name] = slim_part(write_group_shard(store, g, plan, rows, outputs, errors, moments))
         if not _later_uses(groups, g):  # free decoded media no later group needs
             decoded_cache = {k: v for k, v in decoded_cache.items() if k[0] != g.modality}
     return {"shard": plan.name, "parts": parts, "seconds": time.perf_counter() - t0}
@@ -362,7 +362,7 @@ def failed_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str, exc
     for g in groups:
         errors = [_error_row(s, g.name, plan.name, "worker", exc, message) for s in plan.samples]
         nothing = [None] * len(plan.samples)
-        parts[g.name] = write_group_shard(store, g, plan, rows, nothing, errors, {}, failed=True)
+        parts[g.name] = slim_part(write_group_shard(store, g, plan, rows, nothing, errors, {}, failed=True))
     return {"shard": plan.name, "parts": parts, "seconds": 0.0}
 
 
@@ -672,7 +672,7 @@ def run_extract(
             if part is None:
                 missing.append(task)
             else:
-                parts[task.name][plan.name] = part
+                parts[task.name][plan.name] = slim_part(part)
         if missing:
             todo.append((plan, tuple(missing)))
     resumed = sum(1 for p in plans if all(p.name in parts[t.name] for t in tasks))
@@ -710,10 +710,12 @@ def run_extract(
         }
         try:
             for fut in as_completed(list(futures)):
+                args = futures.pop(fut)  # the future and its task's arguments go once collected
                 try:
                     result = fut.result()
                 except KilledWorker as exc:  # Dask rescheduled it and gave up: a poison input
-                    result = failed_shard(*futures[fut], root, exc)
+                    result = failed_shard(*args, root, exc)
+                del fut
                 collect(result)
         except BaseException:
             client.cancel(list(futures))

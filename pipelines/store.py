@@ -39,8 +39,28 @@ CATALOG_ROW_GROUP = 65536
 LOOKUP_ROW_GROUP = 8192
 FORMAT_VERSION = 2  # 2: group versions (shards/<group>/<version>/)
 
+
+def _schema(fields):
+    import pyarrow as pa
+
+    return pa.schema([pa.field(n, getattr(pa, t)()) for n, t in fields])
+
+
 _SCHEMAS = {
-    "samples": None,  # has_<group> columns vary; inferred
+    "samples": [  # then one has_<group> bool column per group
+        ("key", "string"),
+        ("split", "string"),
+        ("label", "int64"),
+        ("shard", "string"),
+        ("index", "int64"),
+    ],
+    "members": [
+        ("group", "string"),
+        ("shard", "string"),
+        ("member", "string"),
+        ("offset", "int64"),
+        ("size", "int64"),
+    ],
     "errors": [
         ("key", "string"),
         ("group", "string"),
@@ -53,57 +73,143 @@ _SCHEMAS = {
 
 
 def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
-    """Write the catalog tables of the active group versions (``parts``: group -> shard -> part).
+    """Write the catalog tables of the active group versions.
 
-    ``store``: a folder, URL or ``pipelines.storage.Location``.
+    ``parts`` (group -> shard -> part) may be slim (``versions.slim_part``): each shard's
+    per-sample rows (presence, member offsets) are read back from its part record one shard at
+    a time and streamed into the tables, so memory holds one shard's rows plus the compact key
+    index, whatever the number of samples. ``store``: a folder, URL or ``Location``.
     """
+    import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from pipelines.versions import read_part
 
     loc = as_location(store)
-    samples, files, members = [], [], []
+    files = [parts[t.name][p.name]["file"] for p in plans for t in tasks]
     errors = [e for t in tasks for e in fit_errors.get(t.name, [])]
-    for plan in plans:
-        mine = [parts[t.name][plan.name] for t in tasks]
-        for i, s in enumerate(plan.samples):
-            row = {"key": s.key, "split": s.split, "label": s.label, "shard": plan.name, "index": i}
-            row.update({f"has_{p['group']}": p["present"][i] for p in mine})
-            samples.append(row)
-        for p in mine:
-            files.append(p["file"])
-            errors.extend(p["errors"])
-            members.extend(
-                {"group": p["group"], "shard": plan.name, "member": m, "offset": o, "size": n}
-                for m, o, n in p["members"]
-            )
-    error_schema = pa.schema([pa.field(n, getattr(pa, t)()) for n, t in _SCHEMAS["errors"]])
+    errors += [e for p in plans for t in tasks for e in parts[t.name][p.name]["errors"]]
     tables = {
-        "samples": pa.Table.from_pylist(samples) if samples else pa.table({}),
-        "shards": pa.Table.from_pylist(files) if files else pa.table({}),
-        "errors": pa.Table.from_pylist(errors) if errors else error_schema.empty_table(),
-        "members": pa.Table.from_pylist(members) if members else pa.table({}),
+        "shards": pa.Table.from_pylist(files),
+        "errors": pa.Table.from_pylist(errors) if errors else _schema(_SCHEMAS["errors"]).empty_table(),
     }
-    if samples:  # point lookups: members by shard (each (group, shard) run kept), the key index by key
-        tables["members"] = tables["members"].take(
-            pc.sort_indices(tables["members"], [("shard", "ascending")])
-        )
-        tables["keys"] = tables["samples"].select(["key", "split", "label", "shard", "index"]).sort_by("key")
-    else:
-        tables["keys"] = pa.table({})
     for name, table in tables.items():
-        rel = f"catalog/{name}.parquet"
-        tmp = loc.staging_dir(rel) / f".{name}.parquet.tmp"
-        rows = LOOKUP_ROW_GROUP if name in ("keys", "members") else CATALOG_ROW_GROUP
+        with _CatalogWriter(loc, name, table.schema, CATALOG_ROW_GROUP) as w:
+            w.write(table)
+
+    # members, sorted by shard (each shard's groups in config order): read every part once
+    present: dict[tuple[str, str], np.ndarray] = {}
+    members = _schema(_SCHEMAS["members"])
+    with _CatalogWriter(loc, "members", members, LOOKUP_ROW_GROUP) as w:
+        for plan in sorted(plans, key=lambda p: p.name):
+            for t in tasks:
+                part = read_part(loc, t.name, t.version, plan.name)
+                present[t.name, plan.name] = np.array(part["present"], dtype=bool)
+                name, offset, size = zip(*part["members"], strict=True) if part["members"] else ((), (), ())
+                n = len(name)
+                w.write(
+                    pa.table(
+                        {
+                            "group": pa.array([t.name] * n, pa.string()),
+                            "shard": pa.array([plan.name] * n, pa.string()),
+                            "member": pa.array(name, pa.string()),
+                            "offset": pa.array(offset, pa.int64()),
+                            "size": pa.array(size, pa.int64()),
+                        },
+                        schema=members,
+                    )
+                )
+    # samples in plan order; the key index (keys.parquet) sorted by key
+    schema = pa.schema(
+        [*_schema(_SCHEMAS["samples"]), *(pa.field(f"has_{t.name}", pa.bool_()) for t in tasks)]
+    )
+    keys = []
+    with _CatalogWriter(loc, "samples", schema, CATALOG_ROW_GROUP) as w:
+        for plan in plans:
+            rows = plan.samples
+            rows = rows.table.take(rows.indices) if hasattr(rows, "indices") else _as_table(rows)
+            n = len(rows)
+            table = pa.table(
+                {
+                    "key": rows.keys,
+                    "split": pa.array([plan.split] * n, pa.string()),
+                    "label": pa.array(rows.labels, pa.int64()),
+                    "shard": pa.array([plan.name] * n, pa.string()),
+                    "index": pa.array(np.arange(n), pa.int64()),
+                    **{f"has_{t.name}": pa.array(present[t.name, plan.name]) for t in tasks},
+                },
+                schema=schema,
+            )
+            w.write(table)
+            keys.append(table.select(["key", "split", "label", "shard", "index"]))
+    with _CatalogWriter(loc, "keys", keys[0].schema, LOOKUP_ROW_GROUP) as w:
+        w.write(pa.concat_tables(keys).sort_by("key"))
+
+
+def _as_table(samples):
+    from pipelines.manifest import SampleTable
+
+    return samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+
+
+class _CatalogWriter:
+    """One catalog table, written in row groups of exactly ``rows`` rows (the last may be
+    shorter) as tables are appended, to a temporary file published on close; a write error
+    (a full disk) leaves nothing under the final name."""
+
+    def __init__(self, loc: Location, name: str, schema, rows: int) -> None:
+        import pyarrow.parquet as pq
+
+        self.loc, self.rel, self.rows = loc, f"catalog/{name}.parquet", rows
+        self.tmp = loc.staging_dir(self.rel) / f".{name}.parquet.tmp"
+        self.pending: list = []
+        self.count = 0
         try:
-            pq.write_table(table, tmp, row_group_size=rows)
-            loc.put_file(tmp, rel)
-        except OSError as exc:  # e.g. a full disk: no half table under the final name
-            tmp.unlink(missing_ok=True)
-            raise write_error(Path(str(loc.join(rel))), exc) from exc
+            self.writer = pq.ParquetWriter(self.tmp, schema)
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, table) -> None:
+        self.pending.append(table)
+        self.count += table.num_rows
+        while self.count >= self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.pending)
+        try:
+            self.writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=n)
+        except OSError as exc:
+            self._fail(exc)
+        rest = table.slice(n)
+        self.pending, self.count = [rest], rest.num_rows
+
+    def _fail(self, exc: OSError):
+        self.tmp.unlink(missing_ok=True)
+        if self.loc.remote:
+            shutil.rmtree(self.tmp.parent, ignore_errors=True)
+        raise write_error(Path(str(self.loc.join(self.rel))), exc) from exc
+
+    def __enter__(self) -> _CatalogWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                if self.count:
+                    self._flush(self.count)
+                self.writer.close()
+                self.loc.put_file(self.tmp, self.rel)
+            else:
+                self.writer.close()
+                self.tmp.unlink(missing_ok=True)
+        except OSError as exc2:
+            self._fail(exc2)
         finally:
-            if loc.remote:
-                shutil.rmtree(tmp.parent, ignore_errors=True)
+            if self.loc.remote:
+                shutil.rmtree(self.tmp.parent, ignore_errors=True)
 
 
 def write_store_manifest(store, body: dict) -> None:

@@ -133,6 +133,17 @@ def save_part(store, part: dict) -> None:
     as_location(store).write_bytes(rel, json.dumps(_to_jsonable(part)).encode())
 
 
+def read_part(store, group: str, version: str, shard: str) -> dict:
+    """A part record as saved (the catalog reads each shard's presence and members from it)."""
+    return _from_jsonable(json.loads(as_location(store).read_bytes(part_rel(group, version, shard))))
+
+
+def slim_part(part: dict) -> dict:
+    """A part without its per-sample lists (presence, members): what the driver keeps of each
+    shard while a job runs, so that its memory grows with shards, not samples."""
+    return {k: v for k, v in part.items() if k not in ("present", "members")}
+
+
 def load_part(store, group: str, version: str, plan: ShardPlan) -> dict | None:
     """A finished shard's part, if it is for these rows and its tar is present and whole."""
     loc = as_location(store)
@@ -140,7 +151,7 @@ def load_part(store, group: str, version: str, plan: ShardPlan) -> dict | None:
     if not loc.exists(rel):
         return None
     try:
-        part = _from_jsonable(json.loads(loc.read_bytes(rel)))
+        part = read_part(loc, group, version, plan.name)
     except (ValueError, OSError):
         return None
     if part.get("failed") or part.get("rows") != rows_hash(plan):
