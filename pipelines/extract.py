@@ -25,7 +25,7 @@ import numpy as np
 from features.errors import ConfigError, ExtractionError, ModalstoreError, StoreError
 from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
-from pipelines.manifest import Manifest, Sample, read_manifest
+from pipelines.manifest import Manifest, read_manifest
 from pipelines.media import decode
 from pipelines.shards import Layout, ShardPlan, ShardWriter, plan_shards
 from pipelines.stats import field_moments, finalize, merge_moments, stats_bytes
@@ -136,8 +136,9 @@ def _extractor(task: GroupTask):
     return ex
 
 
-def fit_group(task: GroupTask, samples: tuple[Sample, ...]) -> dict:
-    """Fit a fit-then-transform extractor on the given (train-split) samples.
+def fit_group(task: GroupTask, chunks: list) -> dict:
+    """Fit a fit-then-transform extractor on the given (train-split) samples, in ``chunks``
+    (sequences of samples: the driver sends them one at a time, never the whole split at once).
 
     Returns the artifact as ``.npz`` bytes plus error rows for media that failed to decode
     (they are left out of the fit, and recorded).
@@ -146,7 +147,7 @@ def fit_group(task: GroupTask, samples: tuple[Sample, ...]) -> dict:
     ex = create_extractor(task.extractor, task.params)
     medias, errors = [], []
     request = ex.decode_request()
-    for sample in samples:
+    for sample in (s for chunk in chunks for s in chunk):
         source = sample.media.get(task.modality)
         if source is None:
             continue
@@ -536,10 +537,15 @@ def fit_groups(
             errors[task.name] = list(fitted.get("fit_errors", []))
         else:
             if client is None:
-                result = fit_group(task, train)
+                result = fit_group(task, [train])
             else:
+                chunks = [
+                    client.scatter(train[i : i + _FIT_CHUNK], hash=False)
+                    for i in range(0, len(train), _FIT_CHUNK)
+                ]
                 dkey = f"fit-{task.name}-{uuid.uuid4().hex[:8]}"
-                result = client.submit(fit_group, task, train, key=dkey, resources=resources).result()
+                result = client.submit(fit_group, task, chunks, key=dkey, resources=resources).result()
+                del chunks
             digest = hashlib.sha256(result["npz"]).hexdigest()
             rel = f"artifacts/{task.name}-{digest[:16]}.npz"
             store.write_bytes(rel, result["npz"])
@@ -558,6 +564,9 @@ def fit_groups(
         metas[task.name] = group_meta(task, _extractor(task), artifact)
         out.append(task)
     return tuple(out), errors
+
+
+_FIT_CHUNK = 8192  # train rows per message to the fit task
 
 
 def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:

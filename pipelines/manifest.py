@@ -55,12 +55,14 @@ class SampleTable(Sequence):
 
     __slots__ = ("keys", "labels", "splits", "rows", "media")
 
-    def __init__(self, keys, labels, splits, rows, media: dict) -> None:
-        self.keys = keys  # pa.StringArray
+    def __init__(self, keys, labels, splits, rows, media) -> None:
+        self.keys = keys  # pa.StringArray or ChunkedArray
         self.labels = labels  # np.int64: class ids
         self.splits = splits  # np.int8: index into SPLITS
         self.rows = rows  # np.int64: 1-based manifest rows
-        self.media = media  # modality -> pa.BinaryArray (UTF-8, surrogate escapes kept), null = absent
+        # modality -> binary (Chunked)Array (UTF-8, surrogate escapes kept; null = absent), or a
+        # SpilledMedia: the same columns in a local Parquet file, read for the rows taken
+        self.media = media
 
     @classmethod
     def from_samples(cls, samples) -> SampleTable:
@@ -86,6 +88,8 @@ class SampleTable(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
+        if isinstance(self.media, SpilledMedia):
+            return next(iter(self.take([i])))
         media = {m: col[i].as_py() for m, col in self.media.items()}
         return Sample(
             key=self.keys[i].as_py(),
@@ -96,6 +100,10 @@ class SampleTable(Sequence):
         )
 
     def __iter__(self) -> Iterator[Sample]:
+        if isinstance(self.media, SpilledMedia):
+            for start in range(0, len(self), _CHUNK):
+                yield from self.take(np.arange(start, min(start + _CHUNK, len(self))))
+            return
         for start in range(0, len(self), _CHUNK):
             stop = min(start + _CHUNK, len(self))
             keys = self.keys[start:stop].to_pylist()
@@ -116,19 +124,103 @@ class SampleTable(Sequence):
 
         idx = np.asarray(indices, dtype=np.int64)
         at = pa.array(idx)
-        return SampleTable(
-            self.keys.take(at),
-            self.labels[idx],
-            self.splits[idx],
-            self.rows[idx],
-            {m: col.take(at) for m, col in self.media.items()},
-        )
+        if isinstance(self.media, SpilledMedia):
+            media = self.media.take(idx)
+        else:
+            media = {m: col.take(at) for m, col in self.media.items()}
+        return SampleTable(self.keys.take(at), self.labels[idx], self.splits[idx], self.rows[idx], media)
+
+    def modalities(self) -> list[str]:
+        """The modalities some row has."""
+        if isinstance(self.media, SpilledMedia):
+            return [m for m in MODALITY_COLUMNS if self.media.present.get(m)]
+        return [m for m, col in self.media.items() if col.null_count < len(col)]
 
     def view(self, indices) -> SampleView:
         return SampleView(self, np.asarray(indices, dtype=np.int64))
 
     def __reduce__(self):
+        if isinstance(self.media, SpilledMedia):  # the file is this process's: send the rows
+            return self.take(np.arange(len(self))).__reduce__()
         return (SampleTable, (self.keys, self.labels, self.splits, self.rows, self.media))
+
+
+class SpilledMedia:
+    """A manifest's media columns (paths, URLs, inline text) in a temporary local Parquet file,
+    in row groups of ``_SPILL_ROWS``: the driver reads back only the rows of the shard it
+    hashes or sends, so its memory does not hold the manifest's data. The file is removed
+    when this object is collected."""
+
+    def __init__(self, columns: list[str]) -> None:
+        import tempfile
+        import weakref
+
+        fd, self.path = tempfile.mkstemp(prefix="modalstore-manifest-", suffix=".parquet")
+        os.close(fd)
+        weakref.finalize(self, _unlink, self.path)
+        self.columns = columns
+        self.present: dict[str, int] = dict.fromkeys(columns, 0)  # non-null rows per column
+        self._writer = None
+        self._pending: list = []
+        self._pending_rows = 0
+        self._file = None
+
+    def append(self, arrays: dict) -> None:
+        import pyarrow as pa
+
+        for m, arr in arrays.items():
+            self.present[m] += len(arr) - arr.null_count
+        self._pending.append(pa.table(arrays, schema=self._schema()))
+        self._pending_rows += len(next(iter(arrays.values()))) if arrays else 0
+        while self._pending_rows >= _SPILL_ROWS:
+            self._flush(_SPILL_ROWS)
+
+    def _schema(self):
+        import pyarrow as pa
+
+        return pa.schema([pa.field(m, pa.binary()) for m in self.columns])
+
+    def _flush(self, n: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, self._schema(), compression="none")
+        table = pa.concat_tables(self._pending) if self._pending else self._schema().empty_table()
+        self._writer.write_table(table.slice(0, n), row_group_size=max(n, 1))
+        rest = table.slice(n)
+        self._pending, self._pending_rows = [rest], rest.num_rows
+
+    def close(self) -> None:
+        if self._pending_rows or self._writer is None:
+            self._flush(self._pending_rows)
+        self._writer.close()
+        self._writer = None
+
+    def take(self, idx: np.ndarray) -> dict:
+        """The rows at ``idx`` (manifest positions): modality -> binary array."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._file is None:
+            self._file = pq.ParquetFile(self.path)
+        groups = np.unique(idx // _SPILL_ROWS)
+        if len(groups) == 0:
+            return {m: pa.array([], pa.binary()) for m in self.columns}
+        table = self._file.read_row_groups(groups.tolist(), columns=self.columns)
+        starts = np.searchsorted(groups, idx // _SPILL_ROWS) * _SPILL_ROWS  # where each group begins
+        at = pa.array(starts + idx % _SPILL_ROWS)
+        return {m: table.column(m).take(at).combine_chunks() for m in self.columns}
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_SPILL_ROWS = 1024
 
 
 class SampleView(Sequence):
@@ -178,15 +270,17 @@ class Manifest:
 
     @property
     def modalities(self) -> list[str]:
-        media = self.samples.media
-        return [m for m in MODALITY_COLUMNS if m in media and media[m].null_count < len(media[m])]
+        return self.samples.modalities()
 
     def split_indices(self, split: str) -> np.ndarray:
         """Manifest positions of the rows of ``split``, in order."""
         return np.flatnonzero(self.samples.splits == SPLITS.index(split))
 
 
-def _read_table(path: Path):
+def _batches(path: Path) -> tuple[list[str], Iterator]:
+    """(column names, an iterator of Arrow tables of at most ``_CHUNK`` rows with the columns we
+    use): CSV and Parquet are streamed, JSON lines read whole. Parse errors raise ManifestError
+    (also from the iterator)."""
     import pyarrow as pa
 
     suffix = path.suffix.lower()
@@ -194,35 +288,81 @@ def _read_table(path: Path):
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            file = pq.ParquetFile(path)
+            names = file.schema_arrow.names
+            ours = _ours(path, names)
+            batches = (pa.Table.from_batches([b]) for b in file.iter_batches(batch_size=_CHUNK, columns=ours))
         elif suffix == ".csv":
-            import pyarrow.csv as pacsv
-
-            table = pacsv.read_csv(
-                path,
-                convert_options=pacsv.ConvertOptions(
-                    # text as bytes: an undecodable row becomes a per-sample error, not a failed manifest
-                    column_types={c: pa.string() for c in ("key", "split", *MEDIA_COLUMNS)}
-                    | {"text": pa.binary()},
-                    strings_can_be_null=True,
-                ),
-            )
+            names = _csv_header(path)
+            ours = _ours(path, names)
+            batches = _csv_batches(path, ours)
         elif suffix in (".jsonl", ".json", ".ndjson"):
             import pyarrow.json as pajson
 
             table = pajson.read_json(path)
+            names = table.column_names
+            table = table.select(_ours(path, names))
+            batches = (table.slice(i, _CHUNK) for i in range(0, table.num_rows, _CHUNK))
         else:
             raise ManifestError(
                 f"{path}: unsupported manifest format {suffix!r}; use .parquet, .csv or .jsonl"
             )
-        names = table.column_names
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ManifestError(f"{path}: duplicate column name(s) {dup}")
-        return table
     except ManifestError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:  # Arrow*Error, undecodable names or values
+        raise ManifestError(f"{path}: cannot parse manifest: {_describe(exc)}") from exc
+    return names, _parse_errors(path, batches)
+
+
+def _ours(path: Path, names: list[str]) -> list[str]:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"{path}: duplicate column name(s) {dup}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ManifestError(f"{path}: missing required column(s) {missing}; found columns {sorted(names)}")
+    return [c for c in (*REQUIRED_COLUMNS, *MODALITY_COLUMNS) if c in names]
+
+
+def _csv_header(path: Path) -> list[str]:
+    import csv
+
+    with open(path, "rb") as f:  # the first line only: rows may hold text that is not UTF-8
+        line = f.readline()
+    try:
+        return next(csv.reader([line.decode("utf-8-sig")]), [])
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot parse manifest header: {exc}") from exc
+
+
+def _csv_batches(path: Path, ours: list[str]) -> Iterator:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=1 << 20),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=ours,
+            # labels as text, typed below over the whole column; inline text as bytes: an
+            # undecodable row becomes a per-sample error, not a failed manifest
+            column_types={c: pa.string() for c in ("key", "label", "split", *MEDIA_COLUMNS)}
+            | {"text": pa.binary()},
+            strings_can_be_null=True,
+        ),
+    )
+    for batch in reader:
+        table = pa.Table.from_batches([batch])
+        for i in range(0, table.num_rows, _CHUNK):
+            yield table.slice(i, _CHUNK)
+
+
+def _parse_errors(path: Path, batches: Iterator) -> Iterator:
+    import pyarrow as pa
+
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise ManifestError(f"{path}: cannot parse manifest: {_describe(exc)}") from exc
 
 
@@ -251,37 +391,30 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
 
     Every problem raises ``ManifestError`` naming the file, the row (1-based, data rows)
     and the column. With ``check_files`` local media files must exist and be readable.
-    Rows are checked ``_CHUNK`` at a time into compact columns (``SampleTable``): no Python
-    object per row outlives its chunk.
+
+    Rows are streamed ``_CHUNK`` at a time (CSV and Parquet; JSON lines are parsed whole):
+    what stays in memory is keys, labels and splits as compact columns; the media columns go
+    to a temporary local Parquet file (``SpilledMedia``) and are read back shard by shard.
     """
     import pyarrow as pa
 
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found")
-    table = _read_table(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ManifestError(
-            f"{path}: missing required column(s) {missing}; found columns {sorted(table.column_names)}"
-        )
-    n = table.num_rows
-    if n == 0:
-        raise ManifestError(f"{path}: manifest has no rows")
+    names, batches = _batches(path)
     base = str(path.parent.resolve())
-    ids, classes = _label_ids(path, table.column("label"))
-
-    present_cols = [c for c in MODALITY_COLUMNS if c in table.column_names]
+    present_cols = [c for c in MODALITY_COLUMNS if c in names]
+    media = SpilledMedia(present_cols)
+    labels = _Labels(path, csv=path.suffix.lower() == ".csv")
     keys: list = []
-    media: dict[str, list] = {c: [] for c in present_cols}
-    splits = np.empty(n, np.int8)
-    for start in range(0, n, _CHUNK):
-        chunk = table.slice(start, _CHUNK)
-        chunk_keys = []
-        chunk_media = {c: [] for c in present_cols}
+    splits: list[np.ndarray] = []
+    start = 0
+    for chunk in batches:
+        chunk_keys, chunk_splits = [], np.empty(chunk.num_rows, np.int8)
+        chunk_media: dict[str, list] = {c: [] for c in present_cols}
         values = {c: chunk.column(c).to_pylist() for c in present_cols}
-        for j, (key, split) in enumerate(
-            zip(chunk.column("key").to_pylist(), chunk.column("split").to_pylist(), strict=True)
+        for j, (key, label, split) in enumerate(
+            zip(*(chunk.column(c).to_pylist() for c in REQUIRED_COLUMNS), strict=True)
         ):
             row = start + j + 1
             if key is None or not str(key).strip():
@@ -292,48 +425,97 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
                     f"{path}: row {row}, column 'key': {key!r} contains '.', '/', '\\' or whitespace, "
                     "which WebDataset treats as separators; rename the key"
                 )
+            labels.add(row, label)
             if split not in SPLITS:
                 raise ManifestError(
                     f"{path}: row {row}, column 'split': {split!r} is not one of {list(SPLITS)}"
                 )
-            splits[row - 1] = SPLITS.index(split)
+            chunk_splits[j] = SPLITS.index(split)
             chunk_keys.append(key)
             for c in present_cols:
                 chunk_media[c].append(_encode(_media_value(path, row, c, values[c][j], base, check_files)))
         keys.append(pa.array(chunk_keys, pa.string()))
-        for c in present_cols:
-            media[c].append(pa.array(chunk_media[c], pa.binary()))
-    key_array = pa.concat_arrays(keys)
+        splits.append(chunk_splits)
+        media.append({c: pa.array(chunk_media[c], pa.binary()) for c in present_cols})
+        start += chunk.num_rows
+    n = start
+    if n == 0:
+        raise ManifestError(f"{path}: manifest has no rows")
+    media.close()
+    ids, classes = labels.finish()
+    key_array = pa.chunked_array(keys, pa.string())
     if len(key_array.unique()) != n:
         _raise_duplicate(path, key_array)
-    samples = SampleTable(
-        key_array,
-        ids,
-        splits,
-        np.arange(1, n + 1, dtype=np.int64),
-        {c: pa.concat_arrays(media[c]) for c in present_cols},
-    )
+    samples = SampleTable(key_array, ids, np.concatenate(splits), np.arange(1, n + 1, dtype=np.int64), media)
     return Manifest(path=str(path), samples=samples, classes=classes, fingerprint=sha256_file(path))
 
 
-def _label_ids(path: Path, column) -> tuple[np.ndarray, list[str]]:
-    """Class ids of the label column, and the class names (ids as strings, or sorted names)."""
-    labels = column.to_pylist()
-    for i, lab in enumerate(labels):
-        if lab is None or (isinstance(lab, str) and not lab.strip()):
-            raise ManifestError(f"{path}: row {i + 1}, column 'label': empty label")
-        if isinstance(lab, float) and not lab.is_integer():
-            raise ManifestError(f"{path}: row {i + 1}, column 'label': {lab!r} is not an integer class id")
-    if all(isinstance(lab, int | float) and not isinstance(lab, bool) for lab in labels):
-        ids = np.array([int(lab) for lab in labels], np.int64)
-        if ids.min() < 0:
-            row = int(ids.argmin()) + 1
-            raise ManifestError(f"{path}: row {row}, column 'label': negative class id {ids.min()}")
-        return ids, [str(c) for c in range(int(ids.max()) + 1)]
-    names = [str(lab) for lab in labels]
-    classes = sorted(set(names))
-    index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[s] for s in names], np.int64), classes
+_INT = re.compile(r"\s*[+-]?\d+\s*")
+_FLOAT = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)\s*")
+
+
+class _Labels:
+    """Class ids of the label column, typed over the whole column as it streams by: when every
+    label is a number (an integer, or a float with an integer value) labels are class ids;
+    otherwise they are class names, numbered in sorted order. CSV labels are read as text, and
+    text that reads as a number counts as one (as a whole-file CSV parse would type it)."""
+
+    def __init__(self, path: Path, csv: bool) -> None:
+        self.path, self.csv = path, csv
+        self.code: dict = {}  # (type, value) -> code, in order of first appearance
+        self.first_row: list[int] = []  # per code
+        self.codes: list[np.ndarray] = []
+        self._pending: list[int] = []
+
+    def add(self, row: int, label) -> None:
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise ManifestError(f"{self.path}: row {row}, column 'label': empty label")
+        if isinstance(label, float) and not label.is_integer():
+            raise ManifestError(
+                f"{self.path}: row {row}, column 'label': {label!r} is not an integer class id"
+            )
+        key = (type(label).__name__, label)
+        code = self.code.get(key)
+        if code is None:
+            code = self.code[key] = len(self.code)
+            self.first_row.append(row)
+        self._pending.append(code)
+        if len(self._pending) >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.codes.append(np.array(self._pending, np.int64))
+        self._pending = []
+
+    def finish(self) -> tuple[np.ndarray, list[str]]:
+        self._flush()
+        codes = np.concatenate(self.codes)
+        values = [v for _, v in self.code]
+        numbers = [_number(v) if self.csv and isinstance(v, str) else v for v in values]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            for v, row in zip(numbers, self.first_row, strict=True):
+                if isinstance(v, float) and not v.is_integer():
+                    raise ManifestError(
+                        f"{self.path}: row {row}, column 'label': {v!r} is not an integer class id"
+                    )
+            ids = np.array([int(v) for v in numbers], np.int64)
+            if ids.min() < 0:
+                row = min(r for i, r in zip(ids, self.first_row, strict=True) if i == ids.min())
+                raise ManifestError(f"{self.path}: row {row}, column 'label': negative class id {ids.min()}")
+            return ids[codes], [str(c) for c in range(int(ids.max()) + 1)]
+        names = [str(v) for v in values]
+        classes = sorted(set(names))
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[n] for n in names], np.int64)[codes], classes
+
+
+def _number(text: str):
+    """``text`` as an int or float when it reads as one, else itself."""
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    return text
 
 
 def _media_value(path: Path, row: int, c: str, value, base: str, check_files: bool) -> str | None:
