@@ -72,6 +72,7 @@ if trace:
         def probe(*a, **k):
             cur = tracemalloc.get_traced_memory()[0]
             out[f"{name}.held_at_entry_mb"] = cur * MB
+            out[f"{name}.arrow_pool_peak_before_mb"] = pa.default_memory_pool().max_memory() * MB
             if name == "_finish_store":  # what run_extract holds, above the baseline
                 sites = {}
                 for st in tracemalloc.take_snapshot().compare_to(BASE, "traceback"):
@@ -89,6 +90,7 @@ if trace:
             PEAK[0] = max(PEAK[0], peak)
             out[f"{name}.held_after_mb"] = cur2 * MB
             out[f"{name}.peak_above_entry_mb"] = (peak - cur) * MB
+            out[f"{name}.arrow_pool_peak_so_far_mb"] = pa.default_memory_pool().max_memory() * MB
             return r
 
         setattr(ex, name, probe)

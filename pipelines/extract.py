@@ -569,6 +569,13 @@ def fit_groups(
 _FIT_CHUNK = 8192  # train rows per message to the fit task
 
 
+def _in_flight(client) -> int:
+    """Shard tasks to keep submitted: two per worker thread (a queue for every thread while
+    results come back), at least 8 (a cluster still scaling up)."""
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values())
+    return max(8, 2 * threads)
+
+
 def _task_resources(config: ExtractConfig, client) -> dict[str, float] | None:
     """Worker resources a shard task needs: the largest amount any group asks for.
 
@@ -711,14 +718,30 @@ def run_extract(
         from distributed import KilledWorker, as_completed
 
         run_id = uuid.uuid4().hex[:8]
-        futures = {
-            client.submit(
-                extract_shard, plan, groups, root, key=f"extract-{plan.name}-{run_id}", resources=resources
-            ): (plan, groups)
-            for plan, groups in todo
-        }
+        pending = iter(todo)
+        futures: dict = {}  # in flight: future -> (plan, groups)
+
+        def submit_more(done) -> None:
+            """Keep ``_in_flight(client)`` tasks submitted: a task's message carries its shard's
+            rows, so the driver holds a bounded window of them, not the whole manifest."""
+            for plan, groups in pending:
+                fut = client.submit(
+                    extract_shard,
+                    plan,
+                    groups,
+                    root,
+                    key=f"extract-{plan.name}-{run_id}",
+                    resources=resources,
+                )
+                futures[fut] = (plan, groups)
+                done.add(fut)
+                if len(futures) >= _in_flight(client):
+                    return
+
         try:
-            for fut in as_completed(list(futures)):
+            done = as_completed()
+            submit_more(done)
+            for fut in done:
                 args = futures.pop(fut)  # the future and its task's arguments go once collected
                 try:
                     result = fut.result()
@@ -726,6 +749,7 @@ def run_extract(
                     result = failed_shard(*args, root, exc)
                 del fut
                 collect(result)
+                submit_more(done)
         except BaseException:
             client.cancel(list(futures))
             raise

@@ -118,13 +118,16 @@ class SampleTable(Sequence):
                     media={m: _decode(v[j]) for m, v in media.items() if v[j] is not None},
                 )
 
-    def take(self, indices) -> SampleTable:
-        """A compact table of the rows at ``indices`` (a copy: it holds nothing of this one)."""
+    def take(self, indices, media: bool = True) -> SampleTable:
+        """A compact table of the rows at ``indices`` (a copy: it holds nothing of this one);
+        without ``media``, keys, labels and splits only."""
         import pyarrow as pa
 
         idx = np.asarray(indices, dtype=np.int64)
         at = pa.array(idx)
-        if isinstance(self.media, SpilledMedia):
+        if not media:
+            media = {}
+        elif isinstance(self.media, SpilledMedia):
             media = self.media.take(idx)
         else:
             media = {m: col.take(at) for m, col in self.media.items()}
@@ -248,6 +251,8 @@ class SampleView(Sequence):
 
 
 _CHUNK = 8192  # rows converted to Python objects at a time
+# CSV blocks parsed at a time (one row must fit in one block).
+_CSV_BLOCK = 512 << 10
 
 
 def _encode(value: str | None) -> bytes | None:
@@ -339,22 +344,24 @@ def _csv_batches(path: Path, ours: list[str]) -> Iterator:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=1 << 20),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=ours,
-            # labels as text, typed below over the whole column; inline text as bytes: an
-            # undecodable row becomes a per-sample error, not a failed manifest
-            column_types={c: pa.string() for c in ("key", "label", "split", *MEDIA_COLUMNS)}
-            | {"text": pa.binary()},
-            strings_can_be_null=True,
-        ),
-    )
-    for batch in reader:
-        table = pa.Table.from_batches([batch])
-        for i in range(0, table.num_rows, _CHUNK):
-            yield table.slice(i, _CHUNK)
+    # a Python file object: given a path, Arrow buffers the whole file ahead of the parser
+    with open(path, "rb") as f:
+        reader = pacsv.open_csv(
+            f,
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=ours,
+                # labels as text, typed below over the whole column; inline text as bytes: an
+                # undecodable row becomes a per-sample error, not a failed manifest
+                column_types={c: pa.string() for c in ("key", "label", "split", *MEDIA_COLUMNS)}
+                | {"text": pa.binary()},
+                strings_can_be_null=True,
+            ),
+        )
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            for i in range(0, table.num_rows, _CHUNK):
+                yield table.slice(i, _CHUNK)
 
 
 def _parse_errors(path: Path, batches: Iterator) -> Iterator:
@@ -444,7 +451,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     media.close()
     ids, classes = labels.finish()
     key_array = pa.chunked_array(keys, pa.string())
-    if len(key_array.unique()) != n:
+    if _has_duplicates(key_array):
         _raise_duplicate(path, key_array)
     samples = SampleTable(key_array, ids, np.concatenate(splits), np.arange(1, n + 1, dtype=np.int64), media)
     return Manifest(path=str(path), samples=samples, classes=classes, fingerprint=sha256_file(path))
@@ -537,6 +544,17 @@ def _media_value(path: Path, row: int, c: str, value, base: str, check_files: bo
         if not os.access(resolved, os.R_OK):
             raise ManifestError(f"{path}: row {row}, column {c!r}: file not readable: {resolved}")
     return resolved
+
+
+def _has_duplicates(keys) -> bool:
+    """Whether a key repeats: sorted, compared with its neighbour (a hash set of millions of
+    keys costs ~10x the keys' own memory in Arrow's unique())."""
+    import pyarrow.compute as pc
+
+    if len(keys) < 2:
+        return False
+    ordered = keys.take(pc.sort_indices(keys))
+    return pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py()
 
 
 def _raise_duplicate(path: Path, keys) -> None:

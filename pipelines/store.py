@@ -82,6 +82,7 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     """
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from pipelines.versions import read_part
 
@@ -123,11 +124,11 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     schema = pa.schema(
         [*_schema(_SCHEMAS["samples"]), *(pa.field(f"has_{t.name}", pa.bool_()) for t in tasks)]
     )
-    keys = []
+    # the key index is sorted in memory as compact columns (~40 bytes a sample), then written
+    keys, labels, plan_of = [], [], []
     with _CatalogWriter(loc, "samples", schema, CATALOG_ROW_GROUP) as w:
-        for plan in plans:
-            rows = plan.samples
-            rows = rows.table.take(rows.indices) if hasattr(rows, "indices") else _as_table(rows)
+        for number, plan in enumerate(plans):
+            rows = _as_table(plan.samples)
             n = len(rows)
             table = pa.table(
                 {
@@ -141,14 +142,38 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
                 schema=schema,
             )
             w.write(table)
-            keys.append(table.select(["key", "split", "label", "shard", "index"]))
-    with _CatalogWriter(loc, "keys", keys[0].schema, LOOKUP_ROW_GROUP) as w:
-        w.write(pa.concat_tables(keys).sort_by("key"))
+            keys.extend(table.column("key").chunks)
+            labels.append(np.asarray(rows.labels, np.int64))
+            plan_of.append(np.full(n, number, np.int32))
+    key_array = pa.chunked_array(keys, pa.string())
+    labels_all, plan_all = np.concatenate(labels), np.concatenate(plan_of)
+    index_all = np.concatenate([np.arange(len(p), dtype=np.int64) for p in plan_of])
+    order = pc.sort_indices(key_array).to_numpy()
+    key_schema = pa.schema([schema.field(c) for c in ("key", "split", "label", "shard", "index")])
+    with _CatalogWriter(loc, "keys", key_schema, LOOKUP_ROW_GROUP) as w:
+        for start in range(0, len(order), LOOKUP_ROW_GROUP):
+            at = order[start : start + LOOKUP_ROW_GROUP]
+            of = plan_all[at]
+            w.write(
+                pa.table(
+                    {
+                        "key": key_array.take(pa.array(at)),
+                        "split": pa.array([plans[i].split for i in of], pa.string()),
+                        "label": pa.array(labels_all[at]),
+                        "shard": pa.array([plans[i].name for i in of], pa.string()),
+                        "index": pa.array(index_all[at]),
+                    },
+                    schema=key_schema,
+                )
+            )
 
 
 def _as_table(samples):
-    from pipelines.manifest import SampleTable
+    """Keys and labels of a plan's samples as a SampleTable (media not read)."""
+    from pipelines.manifest import SampleTable, SampleView
 
+    if isinstance(samples, SampleView):
+        return samples.table.take(samples.indices, media=False)
     return samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
 
 
@@ -180,7 +205,7 @@ class _CatalogWriter:
 
         table = pa.concat_tables(self.pending)
         try:
-            self.writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=n)
+            self.writer.write_table(table.slice(0, n), row_group_size=n)  # chunks and all: one row group
         except OSError as exc:
             self._fail(exc)
         rest = table.slice(n)
