@@ -79,9 +79,11 @@ bench: $(STORE)/store.json
 	$(BIN)/python benchmarks/loader_resume.py
 	$(BIN)/python benchmarks/shuffle_quality.py
 	$(BIN)/python benchmarks/loader_memory.py
+	$(BIN)/python benchmarks/loader_bucketing.py
 	$(BIN)/python benchmarks/fsdd_mfcc.py
 	$(BIN)/python benchmarks/store_catalog.py
 	$(BIN)/python benchmarks/gpu_loader.py --store $(STORE)
+	$(BIN)/python benchmarks/loader_cuda_check.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/driver_memory.py
 

@@ -2,7 +2,7 @@
 
 Each store has one group of per-sample arrays like the loader issue's (a 512-d float16
 vector and a float16 40-coefficient sequence of 50-100 frames), in shards of 250 samples,
-written with the real shard writer plus the catalog the loader reads. Each measurement runs
+written by the project's shard and catalog writers (``synthetic_store.py``). Each measurement runs
 in a fresh child process (two shuffled epochs, batch 256) and reports ``ru_maxrss``: of the
 child itself and of its largest DataLoader worker, with the RSS right after the imports as
 the baseline (``import torch`` alone is ~500 MB).
@@ -19,10 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PER_SHARD = 250
 
@@ -37,54 +36,26 @@ n = 0
 for epoch in range(2):
     loader.set_epoch(epoch)
     n += sum(len(b["keys"]) for b in loader)
+self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+del loader  # stops the (persistent) workers: RUSAGE_CHILDREN counts them once they are reaped
+import gc; gc.collect()
 print(json.dumps({{
     "samples": n,
     "base_kb": base,
-    "self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    "self_kb": self_kb,
     "workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
 }}))
 """
 
 
 def build_store(root: Path, n: int) -> Path:
-    """A one-group store of ``n`` train samples that StreamingLoader can read."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """A one-group store of ``n`` train samples, written by the project's shard and catalog writers."""
+    from synthetic_store import write_store
 
-    from pipelines.shards import ShardWriter
+    from features.spec import FieldSpec
 
-    rng = np.random.default_rng(0)
-    emb = rng.standard_normal((64, 512)).astype(np.float16)
-    mfcc = rng.standard_normal((64, 100, 40)).astype(np.float16)
-    shards, counts, members, shard_rows = [], [], [], []
-    for s, start in enumerate(range(0, n, PER_SHARD)):
-        name = f"train-{s:06d}"
-        with ShardWriter(root / "shards" / "syn" / f"{name}.tar") as w:
-            for i in range(start, min(start + PER_SHARD, n)):
-                key = f"s{i:08d}"
-                meta = {"key": key, "label": i % 16, "split": "train", "present": True}
-                w.add_sample(key, meta, {"emb": emb[i % 64], "mfcc": mfcc[i % 64, : 50 + i % 51]})
-            nbytes, _ = w.close()
-        shards.append(name)
-        counts.append(min(PER_SHARD, n - start))
-        members += [
-            {"group": "syn", "shard": name, "member": m.name, "offset": m.offset, "size": m.size}
-            for m in w.members
-        ]
-        shard_rows.append({"group": "syn", "shard": name, "bytes": nbytes})
-    (root / "catalog").mkdir()
-    pq.write_table(pa.Table.from_pylist(members), root / "catalog" / "members.parquet")
-    pq.write_table(pa.Table.from_pylist(shard_rows), root / "catalog" / "shards.parquet")
-    fields = {"emb": {"dtype": "float16", "shape": [512]}, "mfcc": {"dtype": "float16", "shape": [None, 40]}}
-    meta = {
-        "format": "modalstore",
-        "format_version": 2,
-        "classes": [str(c) for c in range(16)],
-        "splits": {"train": {"samples": n, "shards": shards, "shard_samples": counts}},
-        "groups": {"syn": {"fields": fields, "dir": "shards/syn"}},
-    }
-    (root / "store.json").write_text(json.dumps(meta))
-    return root
+    spec = {"syn": {"emb": FieldSpec("float16", (512,)), "mfcc": FieldSpec("float16", (None, 40))}}
+    return write_store(root, spec, n, PER_SHARD, lengths={"syn.mfcc": lambda i, rng: 50 + i % 51})
 
 
 def measure(store: Path, workers: int) -> dict:

@@ -36,6 +36,9 @@ def _record_stream(batch: dict, stream) -> None:
 
 def _on_device(batches, device: torch.device) -> Iterator[dict]:
     """``batches`` moved to ``device``; on CUDA the next batch is copied while this one is used."""
+    if device.type == "cpu":  # the loader's tensors are on the CPU already
+        yield from batches
+        return
     if device.type != "cuda":
         for batch in batches:
             yield to_device(batch, device)

@@ -28,13 +28,25 @@ class EpochOrder:
     samples concatenated; with ``shuffle`` that sequence is then permuted within
     consecutive windows of ``window`` samples, and the result again within windows shifted
     by half a window (so no window boundary survives), each window by its own draw from
-    (seed, epoch, pass, window index). ``locate`` maps positions of this order to samples:
-    a position's sample lies at most two windows before it, so reading needs only the
-    shards of about two windows at a time. Memory is O(shards + window), whatever the
-    number of samples.
+    (seed, epoch, pass, window index). With ``lengths`` (one per sample, in split order) and
+    ``bucket``, the result is then sorted by length within consecutive buckets of ``bucket``
+    positions (stable, so ties keep the shuffled order): consecutive positions, hence the
+    samples of a batch, have similar lengths. ``locate`` maps positions of this order to samples:
+    a position's sample lies at most two windows (plus a bucket) before it, so reading needs only
+    the shards of about two windows (and a bucket) at a time. Memory is O(shards + window +
+    bucket), whatever the number of samples (plus the lengths, when bucketing).
     """
 
-    def __init__(self, sizes: Sequence[int], shuffle: bool, seed: int, epoch: int, window: int) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        window: int,
+        lengths: np.ndarray | None = None,
+        bucket: int = 0,
+    ) -> None:
         sizes = np.asarray(sizes, dtype=np.int64)
         self.n = int(sizes.sum())
         self.shard_order = _rng(seed, epoch, 0).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
@@ -43,6 +55,14 @@ class EpochOrder:
         self.window = window if shuffle else 0
         self.seed, self.epoch = seed, epoch
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        # Bucketing: lengths[i] of the i-th sample in split order (shards in split order)
+        self.bucket = bucket if lengths is not None and bucket > 0 else 0
+        if self.bucket:
+            self.lengths = np.asarray(lengths)
+            if len(self.lengths) != self.n:
+                raise ConfigError(f"EpochOrder: {len(self.lengths)} lengths for {self.n} samples")
+            self.split_starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._chunks: dict[int, np.ndarray] = {}
 
     def _bounds(self, shift: int, m: int) -> tuple[int, int]:
         return max(0, m * self.window - shift), min(self.n, (m + 1) * self.window - shift)
@@ -62,12 +82,37 @@ class EpochOrder:
             out[sel] = lo + perm[p[sel] - lo]
         return out
 
-    def concat_index(self, positions: np.ndarray) -> np.ndarray:
-        """Positions in the epoch order (taken modulo n) -> positions in the shard concatenation."""
-        p = np.asarray(positions, dtype=np.int64) % self.n
+    def _shuffled(self, p: np.ndarray) -> np.ndarray:
         if not self.window:
             return p
         return self._permute(self._permute(p, self.window // 2), 0)
+
+    def _chunk(self, m: int) -> np.ndarray:
+        """Concatenation indices of bucket ``m``'s positions, sorted by length (stable: ties keep
+        the shuffled order)."""
+        order = self._chunks.get(m)
+        if order is None:
+            lo, hi = m * self.bucket, min(self.n, (m + 1) * self.bucket)
+            c = self._shuffled(np.arange(lo, hi, dtype=np.int64))
+            k = np.searchsorted(self.starts, c, side="right") - 1
+            split_index = self.split_starts[self.shard_order[k]] + (c - self.starts[k])
+            order = c[np.argsort(self.lengths[split_index], kind="stable")]
+            if len(self._chunks) >= 4:  # a batch rarely spans more than two buckets
+                self._chunks.pop(next(iter(self._chunks)))
+            self._chunks[m] = order
+        return order
+
+    def concat_index(self, positions: np.ndarray) -> np.ndarray:
+        """Positions in the epoch order (taken modulo n) -> positions in the shard concatenation."""
+        p = np.asarray(positions, dtype=np.int64) % self.n
+        if not self.bucket:
+            return self._shuffled(p)
+        out = np.empty_like(p)
+        chunk = p // self.bucket
+        for m in np.unique(chunk).tolist():
+            sel = chunk == m
+            out[sel] = self._chunk(m)[p[sel] - m * self.bucket]
+        return out
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions -> (k, index): the k-th shard of ``shard_order`` and the sample's index in it."""
@@ -78,6 +123,8 @@ class EpochOrder:
     def window_start(self, position: int) -> int:
         """The lowest concatenation index that ``position`` or any later position can map to."""
         p = position % self.n
+        if self.bucket:  # any position of p's bucket may come next
+            p -= p % self.bucket
         if not self.window:
             return p
         lo, _ = self._bounds(self.window // 2, (p + self.window // 2) // self.window)

@@ -4,27 +4,34 @@ Groups are stored side by side (one tar per group per shard, same keys in the sa
 so a sample is the join of its members across the requested groups; keys that disagree are
 an error. Only ``.npy`` (``allow_pickle=False``) and ``.json`` members are decoded.
 
-Two ways to read a shard give the same samples:
+Three ways to read a shard give the same batches, bit for bit:
 
-- indexed (default): ``catalog/members.parquet`` gives every member's payload offset and size,
-  so the file is memory-mapped and payloads are sliced, never parsed as a tar. Before that,
-  the tar headers at the catalog's offsets are checked in one vectorised pass (contiguous
-  members, name, size, type, checksum, zeros after the last member); a shard that does not
-  match its catalog is read by tar iteration instead, with a ``CatalogMismatchWarning``.
-  ``.npy`` headers are parsed once per field and shard; members with the same header but
-  for the first axis become ``np.frombuffer`` views, anything else goes through ``np.load``.
+- columns (default, ``fusion.shard_columns``): ``catalog/members.parquet`` gives every
+  member's payload offset and size; when a shard holds the same members for every sample
+  (what extraction writes), each field is a column of the memory-mapped file, its ``.npy``
+  headers checked in one vectorised pass, and a batch's rows are gathered per field in one
+  copy (a strided view when the members' sizes repeat), decoded by ``np.load`` only where a
+  header differs. ``.json`` members are decoded once per sample (label, present).
+- indexed samples (a shard that is not that regular): the same offsets, one sample at a
+  time (``JoinedShard`` with the catalog; ``.npy`` headers parsed once per field and shard).
+  Either indexed way first checks the tar headers at the catalog's offsets in one vectorised
+  pass (contiguous members, name, size, type, checksum, zeros after the last member); a
+  shard that does not match its catalog is read by tar iteration instead, with a
+  ``CatalogMismatchWarning``.
 - tar iteration (``fast=False``, or no ``members.parquet``): ``iter_group_shard`` and
-  ``decode_member``, the reference the indexed path is tested against.
+  ``decode_member``, the reference the others are tested against.
 
 Either way a shard is checked whole when it is opened: a member of a refused type is an
 error even if its sample is never decoded, the groups' keys must agree, and the shard must
 hold as many samples as ``store.json`` records (an epoch is planned from those counts).
 
 Which samples go where is index arithmetic (``fusion.epochs``): an epoch's
-sample order is a pure function of (shard sizes, shuffle, seed, epoch, window), each rank
-takes fixed slices of it and each DataLoader worker whole batches of its rank's, so
+sample order is a pure function of (shard sizes, shuffle, seed, epoch, window, bucketing),
+each rank takes fixed slices of it and each DataLoader worker whole batches of its rank's, so
 samples are read by (shard, index in shard) and a resume skips to a position without
-reading what comes before it.
+reading what comes before it. DataLoader workers persist across epochs: each iteration's
+(epoch, start) reaches them through a shared-memory mailbox, and each batch comes back as
+one reused shared-memory segment (``fusion.worker_batches``).
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.errors import ConfigError, ShardFormatError, StoreError
 from features.spec import FieldSpec
+from fusion.collate import assemble, sample_columns
 from fusion.device import _on_device, resolve_device
 from fusion.epochs import EpochOrder, EpochPlan, resolve_world
+from fusion.shard_columns import ColumnsCache, ShardColumns, open_columns, sample_meta
 from fusion.shard_reader import (
     MemberDecoder,
     ShardMembers,
@@ -49,6 +58,7 @@ from fusion.shard_reader import (
     iter_indexed_shard,
     load_member_index,
 )
+from fusion.worker_batches import SLOTS, Receiver, SlotPool
 from pipelines.lookup import allowed_suffix, decode_member
 from pipelines.storage import is_url
 from pipelines.store import open_store
@@ -146,7 +156,7 @@ class JoinedShard:
                     continue
                 value = self._decode(g, key, suffix, data)
                 if suffix == "json":
-                    sample["label"], present[g] = _sample_meta(self.shard, key, value)
+                    sample["label"], present[g] = sample_meta(self.shard, key, value)
                 else:
                     name = self._field_names.get((g, suffix))
                     if name is None:
@@ -160,13 +170,10 @@ class JoinedShard:
             )
         return sample
 
-
-def _sample_meta(shard: str, key: str, meta) -> tuple[int, bool]:
-    """(label, present) from a sample's ``.json`` member, checked: it comes from a file."""
-    label = meta.get("label") if isinstance(meta, dict) else None
-    if not isinstance(label, int) or isinstance(label, bool):
-        raise ShardFormatError(f"shard {shard}: member '{key}.json' has no integer label: {str(meta)[:200]}")
-    return label, bool(meta.get("present", True))
+    def take(self, idx: np.ndarray, wanted) -> tuple[list[str], np.ndarray, dict, dict]:
+        """``ShardColumns.take`` through ``sample``: (keys, labels, {group: present}, {field: list})."""
+        samples = [self.sample(i) for i in idx.tolist()]
+        return sample_columns(samples, self.groups, wanted)
 
 
 def iter_joined(
@@ -178,75 +185,12 @@ def iter_joined(
         yield joined.sample(i)
 
 
-def collate(
-    samples: list[dict],
-    specs: dict[str, FieldSpec],
-    field_groups: dict[str, str],
-    norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-) -> dict:
-    """Batch samples: stack fixed fields, zero-pad variable ones with lengths and masks.
-
-    With ``norm`` ({field: (mean, std)}) present values are standardised; padding and
-    missing samples stay zero.
-    """
-    b = len(samples)
-    batch = {
-        "keys": [s["key"] for s in samples],
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "features": {},
-        "lengths": {},
-        "mask": {},
-        "present": {},
-    }
-    for g in dict.fromkeys(field_groups.values()):
-        batch["present"][g] = torch.tensor([s["present"].get(g, False) for s in samples], dtype=torch.bool)
-    fields = [s["fields"] for s in samples]
-    for name, spec in specs.items():
-        dtype = np.float32 if np.dtype(spec.dtype).kind == "f" else np.dtype(spec.dtype)
-        arrays = [f.get(name) for f in fields]
-        stats = norm.get(name) if norm is not None else None
-        # Standardise the whole batch at once where that gives the same bits as per sample:
-        # when (array - mean) / std is computed in the batch's dtype anyway.
-        batched = stats is not None and all(
-            np.result_type(a.dtype, *stats) == dtype for a in arrays if a is not None
-        )
-        if stats is not None and not batched:
-            mean, std = stats
-            arrays = [None if a is None else (a - mean) / std for a in arrays]
-        if spec.variable:
-            lengths = np.array([0 if a is None else a.shape[0] for a in arrays], dtype=np.int64)
-            rest = next((a.shape[1:] for a in arrays if a is not None), tuple(spec.shape[1:]))
-            out = np.zeros((b, max(int(lengths.max()), 1), *rest), dtype=dtype)  # (batch, time, ...)
-            for i, a in enumerate(arrays):
-                if a is not None:
-                    out[i, : a.shape[0]] = a
-            mask = np.arange(out.shape[1])[None, :] < lengths[:, None]  # (batch, time)
-            if batched:
-                out -= stats[0]
-                out /= stats[1]
-                out[~mask] = 0
-            batch["lengths"][name] = torch.from_numpy(lengths)
-            batch["mask"][name] = torch.from_numpy(mask)
-        else:
-            out = np.empty((b, *spec.shape), dtype=dtype)
-            for i, a in enumerate(arrays):
-                if a is None:
-                    out[i] = 0
-                else:
-                    out[i] = a
-            if batched:
-                out -= stats[0]
-                out /= stats[1]
-                out[[a is None for a in arrays]] = 0
-        batch["features"][name] = torch.from_numpy(out)
-    return batch
-
-
 # ---- the epoch plan: which sample each rank, worker and batch gets (index arithmetic only) ----
 
 
 class _OpenShards:
-    """A worker's open shards, keyed by their place k in the epoch's shard order.
+    """A worker's open shards (``ShardColumns`` or ``JoinedShard``), keyed by their place k in the
+    epoch's shard order.
 
     Shards that end before ``EpochOrder.window_start`` of the batch being read are closed:
     a worker reads positions in increasing order, so it never needs them again (but for
@@ -255,9 +199,10 @@ class _OpenShards:
 
     def __init__(self, stream: ShardStream, order: EpochOrder) -> None:
         self.stream, self.order = stream, order
-        self.open: dict[int, JoinedShard] = {}
+        self.ends = order.starts[1:].tolist()  # where the k-th shard ends in the concatenation
+        self.open: dict[int, ShardColumns | JoinedShard] = {}
 
-    def get(self, k: int) -> JoinedShard:
+    def get(self, k: int) -> ShardColumns | JoinedShard:
         joined = self.open.get(k)
         if joined is None:
             shard = self.stream.shards[int(self.order.shard_order[k])]
@@ -265,7 +210,7 @@ class _OpenShards:
         return joined
 
     def close_before(self, concat_position: int) -> None:
-        for k in [k for k in self.open if self.order.starts[k + 1] <= concat_position]:
+        for k in [k for k in self.open if self.ends[k] <= concat_position]:
             del self.open[k]
 
 
@@ -300,23 +245,55 @@ class ShardStream(IterableDataset):
         self.rank: int | None = None  # None: torch.distributed's, when initialised
         self.world: int | None = None
         self.norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self.lengths: np.ndarray | None = None  # per sample in split order: bucketing by length
+        self.bucket_size = 0
         self._expected = dict(zip(shards, sizes, strict=True))
+        # (epoch, start) of the current iteration, shared with (persistent) DataLoader workers
+        self.mailbox = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._cache: ColumnsCache | None = None  # made where shards are read (each worker its own)
+        self.slots: torch.Tensor | None = None  # (workers, SLOTS) shared slot flags (fusion.worker_batches)
+        self.known: torch.Tensor | None = None  # (workers, SLOTS) segments the main process holds
+        self._pool: SlotPool | None = None  # a worker's reusable segments
 
     def order(self) -> EpochOrder:
-        return EpochOrder(self.sizes, self.shuffle, self.seed, self.epoch, self.buffer_size)
+        return EpochOrder(
+            self.sizes, self.shuffle, self.seed, self.epoch, self.buffer_size, self.lengths, self.bucket_size
+        )
 
     def plan(self) -> EpochPlan:
         rank, world = resolve_world(self.rank, self.world)
         return EpochPlan(self.order(), self.start, rank, world, self.batch_size, self.drop_last)
 
-    def open_shard(self, shard: str) -> JoinedShard:
+    def open_shard(self, shard: str) -> ShardColumns | JoinedShard:
+        """The shard as columns (indexed reads of a regular shard), else as a ``JoinedShard``."""
         members = None
         if self.members is not None:
             members = {g: self.members[g, shard] for g in self.paths if (g, shard) in self.members}
         paths = {g: p[shard] if is_url(p[shard]) else Path(p[shard]) for g, p in self.paths.items()}
+        if members:
+            if self._cache is None:
+                self._cache = ColumnsCache()
+            columns = open_columns(shard, paths, members, self._expected[shard], self._cache)
+            if columns is not None:
+                return columns
         return JoinedShard(shard, paths, members, self._expected[shard])
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None, "_pool": None}  # both belong to the process that made them
+
+    def publish(self) -> None:
+        """Hand this iteration's (epoch, start) to DataLoader workers, persistent ones included."""
+        self.mailbox[0], self.mailbox[1] = self.epoch, self.start
+
     def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None:  # a worker's copy: the plan of the iteration published last
+            self.epoch, self.start = (int(x) for x in self.mailbox.tolist())
+            if self.slots is not None:
+                if self._pool is None:
+                    known = None if self.known is None else self.known[info.id]
+                    self._pool = SlotPool(self.slots[info.id], known, info.id)
+                self._pool.reclaim()
         return self._batches(self.plan())  # the plan is fixed now, not at the first batch
 
     def _batches(self, plan: EpochPlan) -> Iterator[dict]:
@@ -327,8 +304,29 @@ class ShardStream(IterableDataset):
             positions = plan.positions(j)
             shards.close_before(plan.order.window_start(int(positions[0])))
             ks, idx = plan.order.locate(positions)
-            samples = [shards.get(k).sample(i) for k, i in zip(ks.tolist(), idx.tolist(), strict=True)]
-            yield collate(samples, self.specs, self.field_groups, self.norm)
+            yield self._batch(shards, ks, idx)
+
+    def _batch(self, shards: _OpenShards, ks: np.ndarray, idx: np.ndarray) -> dict:
+        """One batch: each shard's rows taken at once, then assembled in batch order."""
+        b = len(ks)
+        keys: list = [None] * b
+        label = np.empty(b, dtype=np.int64)
+        present = {g: np.zeros(b, dtype=bool) for g in self.paths}
+        columns: dict[str, list] = {name: [] for name in self.specs}
+        order = np.argsort(ks, kind="stable")
+        for rows in np.split(order, np.flatnonzero(np.diff(ks[order])) + 1):  # one part per shard
+            k_keys, k_label, k_present, k_fields = shards.get(int(ks[rows[0]])).take(idx[rows], self.specs)
+            for r, key in zip(rows.tolist(), k_keys, strict=True):
+                keys[r] = key
+            label[rows] = k_label
+            for g, p in k_present.items():
+                present[g][rows] = p
+            for name, values in k_fields.items():
+                columns[name].append((rows, values))
+        packed = get_worker_info() is not None  # one shared-memory segment for the trip to the main process
+        return assemble(
+            keys, label, present, columns, self.specs, self.field_groups, self.norm, packed, self._pool
+        )
 
 
 # ---- the device path and the loader ----------------------------------------------------------
@@ -357,8 +355,16 @@ class StreamingLoader:
     side stream while the current one is used. ``normalize=True`` standardises every field
     with the train split's per-feature mean and std stored with the group.
 
-    Shards are read through ``catalog/members.parquet`` (no tar parsing); ``fast=False``
-    reads them by tar iteration and ``np.load`` (the reference path, same batches).
+    Shards are read through ``catalog/members.parquet`` (no tar parsing): a batch's rows of a
+    field are gathered straight from the mapped shard (``fusion.shard_columns``); ``fast=False``
+    reads them by tar iteration and ``np.load`` (the reference path, same batches). DataLoader
+    workers are started once and kept across epochs (each iteration's plan reaches them through
+    shared memory), and send each batch as one shared-memory segment.
+
+    ``bucket_by="group.field"`` (a variable-length field) sorts the epoch order by that field's
+    length within consecutive buckets of ``bucket_size`` positions, so that a batch holds
+    samples of similar lengths and less padding; still every sample once per epoch, the same
+    order for a given (seed, epoch) and resumable. Lengths come from the catalog's member sizes.
     """
 
     def __init__(
@@ -378,8 +384,14 @@ class StreamingLoader:
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        bucket_by: str | None = None,
+        bucket_size: int = 4096,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("buffer_size", buffer_size)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("buffer_size", buffer_size),
+            ("bucket_size", bucket_size),
+        ):
             if value < 1:
                 raise ConfigError(f"StreamingLoader: {name} must be >= 1, got {value}")
         if num_workers < 0:
@@ -411,10 +423,20 @@ class StreamingLoader:
             drop_last,
         )
         self.dataset.rank, self.dataset.world = rank, world_size
+        self.bucket_by = bucket_by
+        if bucket_by is not None:
+            self.dataset.lengths = self._lengths(bucket_by, shards, sizes)
+            self.dataset.bucket_size = bucket_size
         resolve_world(rank, world_size)  # fail early on an impossible pair
         if normalize:
             self.dataset.norm = self._train_stats()
         self._position = 0  # positions consumed by the current (or last) iteration
+        self._dataloader: DataLoader | None = None
+        if num_workers:
+            self.dataset.slots = torch.zeros((num_workers, SLOTS), dtype=torch.int8).share_memory_()
+            if self.device.type != "cuda":  # pinned memory: the main process gets copies, keeps no segment
+                self.dataset.known = torch.zeros((num_workers, SLOTS), dtype=torch.int64).share_memory_()
+        self._receiver = Receiver(self.dataset.slots, self.dataset.known)
         listing = ",".join(f"{sh}:{n}" for sh, n in zip(shards, self.dataset.sizes, strict=True))
         self._fingerprint = f"{zlib.crc32(listing.encode()):08x}"
 
@@ -430,6 +452,32 @@ class StreamingLoader:
             chosen = set(shards)
             all_shards = [sh for sh in all_shards if sh in chosen]
         return all_shards, [sizes[sh] for sh in all_shards]
+
+    def _lengths(self, field: str, shards: list[str], sizes: list[int]) -> np.ndarray:
+        """Every sample's size of ``field``'s member from the catalog, in split order: its length
+        (up to the ``.npy`` header) without reading a shard. Missing members count as 0."""
+        variable = [f for f, spec in self.field_specs.items() if spec.variable]
+        if field not in variable:
+            raise ConfigError(
+                f"StreamingLoader: bucket_by={field!r} is not a variable-length field of the groups read; "
+                f"variable-length fields: {variable}"
+            )
+        group, suffix = self.field_groups[field], field.split(".", 1)[1] + ".npy"
+        index = load_member_index(self.store, [group], shards)
+        out = []
+        for shard, n in zip(shards, sizes, strict=True):
+            m = index.get((group, shard))
+            if m is None:
+                raise ConfigError(
+                    f"StreamingLoader: bucket_by needs catalog/members.parquet rows for group {group!r}, "
+                    f"shard {shard} (member sizes); run modalstore verify, or re-extract the group"
+                )
+            sample = np.cumsum(np.char.endswith(m.names, b".json")) - 1  # json comes first in a sample
+            mine = np.char.endswith(m.names, b"." + suffix.encode()) & (sample >= 0) & (sample < n)
+            lengths = np.zeros(n, dtype=np.int64)
+            lengths[sample[mine]] = m.sizes[mine]
+            out.append(lengths)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def _train_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(mean, std) per field from the train split; constant features keep std 1."""
@@ -478,6 +526,8 @@ class StreamingLoader:
             "shuffle": self.shuffle,
             "seed": self.seed,
             "buffer_size": self.dataset.buffer_size,
+            "bucket_by": self.bucket_by,
+            "bucket_size": self.dataset.bucket_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -492,12 +542,13 @@ class StreamingLoader:
                 f"expected {STATE_VERSION}: the state was not made by this loader"
             )
         mine = self.state_dict()
-        for key in ("num_samples", "shards", "shuffle", "seed", "buffer_size"):
-            if state.get(key) != mine[key]:
+        before = {"bucket_by": None, "bucket_size": 0}  # states saved before bucketing existed
+        for key in ("num_samples", "shards", "shuffle", "seed", "buffer_size", "bucket_by", "bucket_size"):
+            if state.get(key, before.get(key)) != mine[key]:
                 raise ConfigError(
                     f"StreamingLoader.load_state_dict: state has {key}={state.get(key)!r}, this loader "
                     f"{mine[key]!r}; the epoch order differs, so the position cannot be resumed: "
-                    "build the loader with the same split, shards, shuffle, seed and buffer_size"
+                    "build the loader with the same split, shards, shuffle, seed, buffer_size and bucketing"
                 )
         position = int(state["position"])
         if not 0 <= position <= self.num_samples:
@@ -507,21 +558,26 @@ class StreamingLoader:
         self.dataset.epoch, self.dataset.start, self._position = int(state["epoch"]), position, position
 
     def _loader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            collate_fn=_as_is,  # batches are tensors already; skip default_convert's walk
-        )
+        # Workers persist across epochs (started once); each iteration's plan reaches them
+        # through the dataset's shared mailbox, published just before the iteration starts.
+        if self._dataloader is None:
+            self._dataloader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=self.num_workers > 0,
+                collate_fn=_as_is,  # batches are tensors already; skip default_convert's walk
+            )
+        return self._dataloader
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.dataset.plan()
+        self.dataset.publish()
         batches = iter(self._loader())  # workers (or the in-process stream) take the plan's start here
         self.dataset.start = 0  # a resume applies to one iteration; the next one replays the epoch
         self._position = plan.start
-        return self._count(plan, _on_device(batches, self.device))
+        return self._count(plan, _on_device(map(self._receiver.unpack, batches), self.device))
 
     def _count(self, plan: EpochPlan, batches: Iterator[dict]) -> Iterator[dict]:
         for j, batch in enumerate(batches):

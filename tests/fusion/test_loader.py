@@ -13,7 +13,8 @@ import webdataset as wds
 
 from features.errors import ShardFormatError
 from features.spec import FieldSpec
-from fusion.loader import StreamingLoader, collate, iter_joined
+from fusion.collate import collate
+from fusion.loader import StreamingLoader, iter_joined
 from fusion.shard_reader import CatalogMismatchWarning, MemberDecoder, load_member_index
 from pipelines.shards import ShardWriter, npy_bytes
 from pipelines.store import open_store

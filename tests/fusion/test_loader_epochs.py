@@ -179,19 +179,27 @@ def test_resume_at_a_random_batch_gives_exactly_the_remaining_batches(tiny_store
         assert [b["keys"] for b in resumed] == [b["keys"] for b in want]
 
 
-def test_resume_decodes_no_skipped_sample(tiny_store, monkeypatch):
-    kw = dict(batch_size=4, **SHUFFLED)
+@pytest.mark.parametrize("fast", [True, False])
+def test_resume_decodes_no_skipped_sample(tiny_store, monkeypatch, fast):
+    kw = dict(batch_size=4, fast=fast, **SHUFFLED)
     first = StreamingLoader(tiny_store, "train", **kw)
     it = iter(first)
     next(it), next(it), next(it)
     state = first.state_dict()
-    decoded = []
+    decoded, sampled = [], []  # sample indices taken (decoded) from shards, by either shard reader
+    for cls in (loader_mod.ShardColumns, loader_mod.JoinedShard):
+        monkeypatch.setattr(
+            cls,
+            "take",
+            lambda self, idx, wanted, real=cls.take: decoded.extend(idx.tolist()) or real(self, idx, wanted),
+        )
     real = loader_mod.JoinedShard.sample
-    monkeypatch.setattr(loader_mod.JoinedShard, "sample", lambda self, i: decoded.append(i) or real(self, i))
+    monkeypatch.setattr(loader_mod.JoinedShard, "sample", lambda self, i: sampled.append(i) or real(self, i))
     resumed = StreamingLoader(tiny_store, "train", **kw)
     resumed.load_state_dict(state)
     rest = keys_of(resumed)
     assert len(decoded) == len(rest) == len(split_keys(tiny_store, "train")) - 12
+    assert len(sampled) == (0 if fast else len(rest))  # the indexed path reads columns, not samples
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
