@@ -8,8 +8,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
+from batch_checks import assert_same_batches
 
 from features.errors import ShardFormatError
 from features.spec import FieldSpec
@@ -146,19 +146,6 @@ def test_normalize_uses_train_statistics(tiny_store):
 # ---- the indexed path (catalog offsets, no tar parsing) against the tar-iterating reference ----
 
 
-def _assert_same_batches(got, want):
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        assert a["keys"] == b["keys"]
-        assert torch.equal(a["label"], b["label"])
-        for part in ("features", "lengths", "mask", "present"):
-            assert a[part].keys() == b[part].keys()
-            for name in a[part]:
-                x, y = a[part][name], b[part][name]
-                assert x.dtype == y.dtype and x.shape == y.shape, (part, name)
-                assert x.numpy().tobytes() == y.numpy().tobytes(), (part, name)  # bit-identical
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_indexed_path_gives_the_tar_paths_batches(tiny_store, num_workers, shuffle):
@@ -172,12 +159,12 @@ def test_indexed_path_gives_the_tar_paths_batches(tiny_store, num_workers, shuff
         with warnings.catch_warnings():
             warnings.simplefilter("error", CatalogMismatchWarning)  # no shard may fall back here
             got = list(fast)
-        _assert_same_batches(got, list(ref))
+        assert_same_batches(got, list(ref))
 
 
 def test_indexed_path_normalizes_like_the_tar_path(tiny_store):
     kw = dict(batch_size=7, normalize=True)
-    _assert_same_batches(
+    assert_same_batches(
         list(StreamingLoader(tiny_store, "val", **kw)),
         list(StreamingLoader(tiny_store, "val", fast=False, **kw)),
     )
@@ -360,7 +347,7 @@ def test_stale_catalog_falls_back_to_tar_iteration(tiny_store, tmp_path, change)
         CatalogMismatchWarning, match=rf"audio/(\S*/)?{shard}\.tar: does not match catalog/members.parquet"
     ):
         got = list(fast)
-    _assert_same_batches(got, list(ref))
+    assert_same_batches(got, list(ref))
 
 
 def test_store_without_members_table_reads_tars(tiny_store, tmp_path):
@@ -368,7 +355,7 @@ def test_store_without_members_table_reads_tars(tiny_store, tmp_path):
     (store.root / "catalog" / "members.parquet").unlink()
     fast = StreamingLoader(tmp_path / "s", "val", batch_size=6)
     assert fast.dataset.members == {}
-    _assert_same_batches(list(fast), list(StreamingLoader(tiny_store, "val", batch_size=6, fast=False)))
+    assert_same_batches(list(fast), list(StreamingLoader(tiny_store, "val", batch_size=6, fast=False)))
 
 
 def test_corrupt_tar_header_is_an_error_on_both_paths(tiny_store, tmp_path):

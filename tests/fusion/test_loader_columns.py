@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
+from batch_checks import assert_same_batches
 
 from features.errors import ConfigError, ShardFormatError
 from features.spec import FieldSpec
@@ -97,19 +97,6 @@ def plain_reads(root):
                     if k.endswith(".npy"):
                         fields[f"{g}.{k[:-4]}"] = np.load(io.BytesIO(v), allow_pickle=False)
     return out
-
-
-def assert_same_batches(got, want):
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        assert a["keys"] == b["keys"]
-        assert torch.equal(a["label"], b["label"])
-        for part in ("features", "lengths", "mask", "present"):
-            assert a[part].keys() == b[part].keys()
-            for name in a[part]:
-                x, y = a[part][name], b[part][name]
-                assert x.dtype == y.dtype and x.shape == y.shape, (part, name)
-                assert x.numpy().tobytes() == y.numpy().tobytes(), (part, name)
 
 
 def assert_matches_plain_reads(batches, direct):

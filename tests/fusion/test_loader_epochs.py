@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from batch_checks import assert_same_batches
 
 from features.errors import ConfigError
 from fusion import loader as loader_mod
@@ -51,17 +52,6 @@ def rank_slices(order, start, world, batch, drop_last):
         for r in range(world):
             out[r].append([order[p % n] for p in range(pos + r * b, pos + (r + 1) * b)])
     return out
-
-
-def assert_same_batches(got, want):
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        assert a["keys"] == b["keys"]
-        assert torch.equal(a["label"], b["label"])
-        for part in ("features", "lengths", "mask", "present"):
-            assert a[part].keys() == b[part].keys()
-            for name in a[part]:
-                assert torch.equal(a[part][name], b[part][name]), (part, name)
 
 
 SHUFFLED = dict(shuffle=True, seed=11, buffer_size=8)
