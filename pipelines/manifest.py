@@ -151,16 +151,14 @@ class SampleTable(Sequence):
 class SpilledMedia:
     """A manifest's media columns (paths, URLs, inline text) in a temporary local Parquet file,
     in row groups of ``_SPILL_ROWS``: the driver reads back only the rows of the shard it
-    hashes or sends, so its memory does not hold the manifest's data. The file is removed
-    when this object is collected."""
+    hashes or sends, so its memory does not hold the manifest's data. The file has no name:
+    its space is freed when this object is collected or the process ends, however it ends."""
 
     def __init__(self, columns: list[str]) -> None:
         import tempfile
-        import weakref
 
-        fd, self.path = tempfile.mkstemp(prefix="modalstore-manifest-", suffix=".parquet")
-        os.close(fd)
-        weakref.finalize(self, _unlink, self.path)
+        # anonymous (unlinked at once): nothing is left behind, even by a killed process
+        self._spill = tempfile.TemporaryFile(prefix="modalstore-manifest-", suffix=".parquet")
         self.columns = columns
         self.present: dict[str, int] = dict.fromkeys(columns, 0)  # non-null rows per column
         self._writer = None
@@ -188,7 +186,7 @@ class SpilledMedia:
         import pyarrow.parquet as pq
 
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, self._schema(), compression="none")
+            self._writer = pq.ParquetWriter(self._spill, self._schema(), compression="none")
         table = pa.concat_tables(self._pending) if self._pending else self._schema().empty_table()
         self._writer.write_table(table.slice(0, n), row_group_size=max(n, 1))
         rest = table.slice(n)
@@ -206,7 +204,7 @@ class SpilledMedia:
         import pyarrow.parquet as pq
 
         if self._file is None:
-            self._file = pq.ParquetFile(self.path)
+            self._file = pq.ParquetFile(self._spill)
         groups = np.unique(idx // _SPILL_ROWS)
         if len(groups) == 0:
             return {m: pa.array([], pa.binary()) for m in self.columns}
@@ -214,13 +212,6 @@ class SpilledMedia:
         starts = np.searchsorted(groups, idx // _SPILL_ROWS) * _SPILL_ROWS  # where each group begins
         at = pa.array(starts + idx % _SPILL_ROWS)
         return {m: table.column(m).take(at).combine_chunks() for m in self.columns}
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 _SPILL_ROWS = 1024

@@ -88,3 +88,63 @@ def test_unsupported_format_and_missing_manifest(tmp_path):
         read_manifest(tmp_path / "m.xlsx")
     with pytest.raises(ManifestError, match="manifest not found"):
         read_manifest(tmp_path / "none.csv")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_streamed_manifest_equals_a_row_by_row_parse(tmp_path, monkeypatch, fmt):
+    """Small chunks and spill row groups, so that rows cross every boundary: the samples, plan
+    views and pickled views equal what Python's csv module reads, and no file is left named."""
+    import csv
+    import pickle
+    import random
+    import tempfile
+
+    import pipelines.manifest as manifest_mod
+    from pipelines.shards import plan_shards
+
+    monkeypatch.setattr(manifest_mod, "_CHUNK", 37)
+    monkeypatch.setattr(manifest_mod, "_SPILL_ROWS", 16)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spill"))
+    (tmp_path / "spill").mkdir()
+    rng = random.Random(3)
+    rows = [
+        {
+            "key": f"k{i:04d}",
+            "label": str(rng.randrange(5)),
+            "split": rng.choice(["train", "val", "test"]),
+            "audio": f"a/{i}.wav" if rng.random() < 0.7 else "",
+            "text": " ".join(rng.choice(["red", "cat", "sat", "é"]) for _ in range(rng.randrange(4))),
+        }
+        for i in range(500)
+    ]
+    path = tmp_path / "m.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    if fmt == "parquet":
+        table = pa.table({c: [r[c] or None for r in rows] for c in rows[0]})
+        path = tmp_path / "m.parquet"
+        pq.write_table(table.set_column(1, "label", pa.array([int(r["label"]) for r in rows])), path)
+    m = read_manifest(path, check_files=False)
+    assert list((tmp_path / "spill").iterdir()) == []  # the spill file has no name
+
+    def expected(r):
+        media = {}
+        if r["audio"]:
+            media["audio"] = str(tmp_path / r["audio"])
+        if r["text"].strip():
+            media["text"] = r["text"]
+        return (r["key"], int(r["label"]), r["split"], media)
+
+    want = [expected(r) for r in rows]
+    got = [(s.key, s.label, s.split, s.media) for s in m.samples]
+    assert got == want
+    assert [s.row for s in m.samples] == list(range(1, 501))
+    assert (m.samples[123].key, m.samples[-1].key) == ("k0123", "k0499")
+    for plan in plan_shards(m.samples, 29):
+        keys = [s.key for s in plan.samples]
+        assert all(want[int(k[1:])][2] == plan.split for k in keys)
+        assert [(s.key, s.media) for s in pickle.loads(pickle.dumps(plan.samples))] == [
+            (k, want[int(k[1:])][3]) for k in keys
+        ]
