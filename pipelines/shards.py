@@ -46,21 +46,11 @@ class Layout(NamedTuple):
     shards: Any  # pa.StringArray
     index: np.ndarray  # int64
 
-    @classmethod
-    def from_dict(cls, layout: dict[str, tuple[str, int]]) -> Layout:
-        import pyarrow as pa
-
-        return cls(
-            pa.array(list(layout), pa.string()),
-            pa.array([sh for sh, _ in layout.values()], pa.string()),
-            np.array([i for _, i in layout.values()], np.int64),
-        )
-
 
 def plan_shards(
     samples: Sequence[Sample],
     samples_per_shard: int,
-    previous: Layout | dict[str, tuple[str, int]] | None = None,
+    previous: Layout | None = None,
 ) -> list[ShardPlan]:
     """Assign samples to shards split by split, in manifest order.
 
@@ -74,8 +64,6 @@ def plan_shards(
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     table = samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
-    if isinstance(previous, dict):
-        previous = Layout.from_dict(previous)
     names: list[str] = []  # the previous layout's shard names; rows refer to them by code
     code = np.full(len(table), -1, np.int64)
     index = np.zeros(len(table), np.int64)

@@ -63,8 +63,16 @@ def group_version(cfg_hash: str, manifest_fingerprint: str) -> str:
 
 
 def rows_hash(plan: ShardPlan) -> str:
-    """Fingerprint of a shard's rows: name, keys in order, labels, splits and media sources."""
-    return _sha([plan.name, [(s.key, s.split, s.label, s.media) for s in plan.samples]])
+    """Fingerprint of a shard's rows: name, keys in order, labels, splits and media sources.
+
+    Kept on the plan once computed: the driver needs it for the run's identity and for every
+    group's finished-shard record, and each computation reads the shard's rows back.
+    """
+    cached = plan.__dict__.get("_rows_hash")
+    if cached is None:
+        cached = _sha([plan.name, [(s.key, s.split, s.label, s.media) for s in plan.samples]])
+        object.__setattr__(plan, "_rows_hash", cached)  # a frozen dataclass: a cache, not state
+    return cached
 
 
 def fit_key(extractor: str, extractor_version: int, params: dict, train_samples) -> str:

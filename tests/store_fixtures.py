@@ -19,6 +19,11 @@ if HAS_TEXT:
     TINY_GROUPS["text"] = {"extractor": "sentence", "params": {}}
 
 
+def snapshot(root):
+    """Every file under ``root`` and its bytes: two stores are equal when their snapshots are."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def write_extract_config(path, manifest, store, groups=None, samples_per_shard=8, missing_media="error"):
     import yaml
 

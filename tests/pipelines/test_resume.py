@@ -9,16 +9,12 @@ import sys
 import time
 
 import pytest
-from store_fixtures import TINY_GROUPS, write_extract_config
+from store_fixtures import TINY_GROUPS, snapshot, write_extract_config
 
 import pipelines.extract as extract_mod
 from pipelines.extract import load_extract_config, run_extract
 
 GROUPS = {"audio": TINY_GROUPS["audio"], "video": TINY_GROUPS["video"]}
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

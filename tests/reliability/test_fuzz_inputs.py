@@ -245,6 +245,17 @@ def test_config_structured_and_overrides(tree, overrides):
 # ---- shards ------------------------------------------------------------------------------
 
 
+def _members(writer, size: int) -> ShardMembers:
+    """The member index a shard's writer recorded, as the loader's reader takes it."""
+    m = writer.members
+    return ShardMembers(
+        np.array([r.name.encode() for r in m]),
+        np.array([r.offset for r in m], np.int64),
+        np.array([r.size for r in m], np.int64),
+        size,
+    )
+
+
 def _valid_shard() -> tuple[bytes, ShardMembers]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "train-000000.tar"
@@ -256,14 +267,7 @@ def _valid_shard() -> tuple[bytes, ShardMembers]:
                 )
             w.close()
         data = path.read_bytes()
-    m = w.members
-    members = ShardMembers(
-        np.array([r.name.encode() for r in m]),
-        np.array([r.offset for r in m], np.int64),
-        np.array([r.size for r in m], np.int64),
-        len(data),
-    )
-    return data, members
+    return data, _members(w, len(data))
 
 
 SHARD, SHARD_MEMBERS = _valid_shard()
@@ -350,14 +354,7 @@ def _shard_with(json_payload: bytes, npy_payload: bytes) -> tuple[bytes, ShardMe
             w.add("k0.seq.npy", npy_payload)
             w.close()
         data = path.read_bytes()
-    m = w.members
-    members = ShardMembers(
-        np.array([r.name.encode() for r in m]),
-        np.array([r.offset for r in m], np.int64),
-        np.array([r.size for r in m], np.int64),
-        len(data),
-    )
-    return data, members
+    return data, _members(w, len(data))
 
 
 NPY_HEADERS = st.one_of(

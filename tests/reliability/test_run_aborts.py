@@ -13,17 +13,13 @@ import re
 import shutil
 
 import pytest
-from store_fixtures import TINY_GROUPS, write_extract_config
+from store_fixtures import TINY_GROUPS, snapshot, write_extract_config
 
 import pipelines.shards as shards_mod
 from modalstore import main
 from pipelines.extract import load_extract_config, run_extract
 
 GROUPS = {"audio": TINY_GROUPS["audio"]}
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
