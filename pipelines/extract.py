@@ -738,18 +738,37 @@ def run_extract(
                 if len(futures) >= _in_flight(client):
                     return
 
+        suspects: list[tuple[ShardPlan, tuple[GroupTask, ...]]] = []
         try:
             done = as_completed()
             submit_more(done)
             for fut in done:
                 args = futures.pop(fut)  # the future and its task's arguments go once collected
                 try:
-                    result = fut.result()
-                except KilledWorker as exc:  # Dask rescheduled it and gave up: a poison input
-                    result = failed_shard(*args, root, exc)
+                    collect(fut.result())
+                except KilledWorker:  # Dask rescheduled it and gave up: a poison input, or its neighbour
+                    suspects.append(args)
                 del fut
-                collect(result)
                 submit_more(done)
+            # A dying worker charges a failure to every task it held, the poison's innocent
+            # neighbours too. So a task Dask gave up on is run once more, alone on the cluster:
+            # only a task that kills its worker by itself is reported failed.
+            for plan, groups in suspects:
+                fut = client.submit(
+                    extract_shard,
+                    plan,
+                    groups,
+                    root,
+                    key=f"extract-{plan.name}-{run_id}-alone",
+                    resources=resources,
+                )
+                futures[fut] = (plan, groups)
+                try:
+                    result = fut.result()
+                except KilledWorker as exc:
+                    result = failed_shard(plan, groups, root, exc)
+                del futures[fut], fut
+                collect(result)
         except BaseException:
             client.cancel(list(futures))
             raise
