@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from pipelines.storage import Location, as_location, is_url, local_path
 STORE_FILE = "store.json"
 # Row groups of the catalog tables: rows are in shard order, so a lookup by shard reads one
 # row group (members: ``get`` and the loader's per-shard member lists).
-CATALOG_ROW_GROUP = 65536
+CATALOG_ROW_GROUP = 8192
 # The key index (catalog/keys.parquet: samples sorted by key) and members.parquet use small
 # row groups: a point lookup reads one of ~8k rows, whatever the store's size (BENCHMARKS.md).
 LOOKUP_ROW_GROUP = 8192
@@ -82,7 +83,6 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     """
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from pipelines.versions import read_part
 
@@ -124,17 +124,18 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     schema = pa.schema(
         [*_schema(_SCHEMAS["samples"]), *(pa.field(f"has_{t.name}", pa.bool_()) for t in tasks)]
     )
-    # the key index is sorted in memory as compact columns (~40 bytes a sample), then written
-    keys, labels, plan_of = [], [], []
+    key_schema = pa.schema([schema.field(c) for c in ("key", "split", "label", "shard", "index")])
+    key_index = _KeyIndex(plans, key_schema)
     with _CatalogWriter(loc, "samples", schema, CATALOG_ROW_GROUP) as w:
         for number, plan in enumerate(plans):
             rows = _as_table(plan.samples)
             n = len(rows)
+            labels = pa.array(rows.labels, pa.int64())
             table = pa.table(
                 {
                     "key": rows.keys,
                     "split": pa.array([plan.split] * n, pa.string()),
-                    "label": pa.array(rows.labels, pa.int64()),
+                    "label": labels,
                     "shard": pa.array([plan.name] * n, pa.string()),
                     "index": pa.array(np.arange(n), pa.int64()),
                     **{f"has_{t.name}": pa.array(present[t.name, plan.name]) for t in tasks},
@@ -142,30 +143,9 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
                 schema=schema,
             )
             w.write(table)
-            keys.extend(table.column("key").chunks)
-            labels.append(np.asarray(rows.labels, np.int64))
-            plan_of.append(np.full(n, number, np.int32))
-    key_array = pa.chunked_array(keys, pa.string())
-    labels_all, plan_all = np.concatenate(labels), np.concatenate(plan_of)
-    index_all = np.concatenate([np.arange(len(p), dtype=np.int64) for p in plan_of])
-    order = pc.sort_indices(key_array).to_numpy()
-    key_schema = pa.schema([schema.field(c) for c in ("key", "split", "label", "shard", "index")])
+            key_index.add(number, table.column("key"), labels)
     with _CatalogWriter(loc, "keys", key_schema, LOOKUP_ROW_GROUP) as w:
-        for start in range(0, len(order), LOOKUP_ROW_GROUP):
-            at = order[start : start + LOOKUP_ROW_GROUP]
-            of = plan_all[at]
-            w.write(
-                pa.table(
-                    {
-                        "key": key_array.take(pa.array(at)),
-                        "split": pa.array([plans[i].split for i in of], pa.string()),
-                        "label": pa.array(labels_all[at]),
-                        "shard": pa.array([plans[i].name for i in of], pa.string()),
-                        "index": pa.array(index_all[at]),
-                    },
-                    schema=key_schema,
-                )
-            )
+        key_index.write(w)
 
 
 def _as_table(samples):
@@ -175,6 +155,124 @@ def _as_table(samples):
     if isinstance(samples, SampleView):
         return samples.table.take(samples.indices, media=False)
     return samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+
+
+# Rows per sorted run of the key index: the most the catalog step holds of it at once.
+KEY_SORT_RUN = 65536
+KEY_MERGE_BATCH = 4096  # rows read from each run at a time while merging
+
+
+class _KeyIndex:
+    """catalog/keys.parquet (every sample's row, sorted by key) by an external merge sort.
+
+    Rows come in plan order; every ``run`` rows are sorted and spilled to a temporary Parquet
+    file, and ``write`` merges the runs batch by batch. Memory holds one run plus a batch of
+    each run, not the store's keys: a 1M-sample store has 16 runs.
+    """
+
+    def __init__(self, plans, schema) -> None:
+        import pyarrow as pa
+
+        self.plans, self.schema, self.run, self.batch = plans, schema, KEY_SORT_RUN, KEY_MERGE_BATCH
+        # plan number instead of split and shard strings while sorting: 4 bytes a row
+        self.sort_schema = pa.schema(
+            [("key", pa.string()), ("plan", pa.int32()), ("index", pa.int64()), ("label", pa.int64())]
+        )
+        self.pending: list = []
+        self.count = 0
+        self.tmp = tempfile.TemporaryDirectory(prefix="modalstore-keys-")
+        self.runs: list[Path] = []
+
+    def add(self, number: int, keys, labels) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        n = len(keys)
+        if isinstance(keys, pa.ChunkedArray):
+            keys = keys.combine_chunks()
+        self.pending.append(
+            pa.table(
+                [
+                    keys,
+                    pa.array(np.full(n, number, np.int32)),
+                    pa.array(np.arange(n, dtype=np.int64)),
+                    labels,
+                ],
+                schema=self.sort_schema,
+            )
+        )
+        self.count += n
+        if self.count >= self.run:
+            self._spill()
+
+    def _sorted_pending(self):
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.pending)
+        self.pending, self.count = [], 0
+        return table.sort_by("key")
+
+    def _spill(self) -> None:
+        import pyarrow.parquet as pq
+
+        path = Path(self.tmp.name) / f"run-{len(self.runs):06d}.parquet"
+        pq.write_table(self._sorted_pending(), path, row_group_size=self.batch)
+        self.runs.append(path)
+
+    def _expand(self, table):
+        """Sort-table rows as key-index rows (split and shard names from the plan number)."""
+        import pyarrow as pa
+
+        of = table.column("plan").to_numpy()
+        return pa.table(
+            {
+                "key": table.column("key"),
+                "split": pa.array([self.plans[i].split for i in of], pa.string()),
+                "label": table.column("label"),
+                "shard": pa.array([self.plans[i].name for i in of], pa.string()),
+                "index": table.column("index"),
+            },
+            schema=self.schema,
+        )
+
+    def merged(self):
+        """The rows in key order, as tables of at most a few batches."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if not self.runs:
+            yield self._sorted_pending()
+            return
+        if self.count:
+            self._spill()
+        readers = [pq.ParquetFile(p).iter_batches(batch_size=self.batch) for p in self.runs]
+        heads: list = [pa.Table.from_batches([next(r)]) for r in readers]
+        live = list(range(len(readers)))  # runs with rows left in their head or their file
+        while live:
+            # every row up to the smallest last key among the heads is final: no run can
+            # still hold a smaller key
+            bound = min(heads[i].column("key")[-1].as_py() for i in live)
+            taken = []
+            for i in live:
+                n = pc.sum(pc.less_equal(heads[i].column("key"), bound)).as_py() or 0
+                taken.append(heads[i].slice(0, n))
+                heads[i] = heads[i].slice(n)
+            yield pa.concat_tables(taken).sort_by("key")
+            for i in list(live):
+                if heads[i].num_rows == 0:
+                    nxt = next(readers[i], None)
+                    if nxt is None:
+                        live.remove(i)
+                    else:
+                        heads[i] = pa.Table.from_batches([nxt])
+
+    def write(self, writer) -> None:
+        try:
+            for table in self.merged():
+                writer.write(self._expand(table))
+        finally:
+            self.tmp.cleanup()
 
 
 class _CatalogWriter:

@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+import tempfile
 
 import librosa
 import numpy as np
@@ -138,16 +139,34 @@ def test_group_needing_absent_modality_is_rejected(tmp_path):
         run_extract(load_extract_config(cfg), progress=False)
 
 
+def _worker_settings() -> dict:
+    import os
+
+    import dask
+
+    from pipelines.cluster import QUIET
+
+    return {
+        **{k: dask.config.get(k) for k in QUIET},
+        **{k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
+    }
+
+
 @pytest.mark.slow
 def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp_path):
-    from pipelines.cluster import local_client, shutdown
+    from pipelines.cluster import QUIET, local_client, shutdown
 
     cfg = write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "store")
     client = local_client(2)
     try:
         run_extract(load_extract_config(cfg), client=client, progress=False)
+        # the workers run with the housekeeping turned down and without Dask's malloc trim
+        settings = client.run(_worker_settings)
     finally:
         shutdown(client)
+    assert len(settings) == 2
+    for got in settings.values():
+        assert got == {**QUIET, "MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
     serial = {
         (r["group"], r["shard"]): r["sha256"]
         for r in pq.read_table(tiny_store / "catalog/shards.parquet").to_pylist()
@@ -244,3 +263,73 @@ def test_select_turns_a_catalog_query_into_shard_lists(tiny_store):
     assert store.select(pc.field("label") == label, split="train") == want
     assert store.select(split="test") == store.shards("test")
     assert store.select(pc.field("label") == 999) == []
+
+
+def test_key_index_by_external_merge_equals_a_python_sort_of_the_catalog(demo_dir, tmp_path, monkeypatch):
+    import pipelines.store as st
+
+    # runs of 5 rows merged 3 rows at a time: the 48 demo samples go through 10 runs
+    monkeypatch.setattr(st, "KEY_SORT_RUN", 5)
+    monkeypatch.setattr(st, "KEY_MERGE_BATCH", 3)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the runs are spilled
+    cfg = write_extract_config(
+        tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "s", {"audio": TINY_GROUPS["audio"]}, 4
+    )
+    run_extract(load_extract_config(cfg), progress=False)
+    columns = ["key", "split", "label", "shard", "index"]
+    samples = pq.read_table(tmp_path / "s/catalog/samples.parquet", columns=columns).to_pylist()
+    index = pq.read_table(tmp_path / "s/catalog/keys.parquet")
+    assert index.column_names == columns
+    assert index.to_pylist() == sorted(samples, key=lambda r: r["key"])
+    assert not list((tmp_path / "tmp").iterdir())  # runs removed
+
+
+def test_key_index_merge_of_random_unicode_keys_in_many_runs(tmp_path, monkeypatch):
+    import random
+
+    import pyarrow as pa
+
+    import pipelines.store as st
+    from pipelines.shards import ShardPlan
+
+    rng = random.Random(7)
+    alphabet = "abcXYZ019_-éßж中😀"
+    keys = list({"".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(3000)})
+    rng.shuffle(keys)
+    monkeypatch.setattr(st, "KEY_SORT_RUN", 97)
+    monkeypatch.setattr(st, "KEY_MERGE_BATCH", rng.choice([1, 7, 64]))
+    plans, expected, at = [], [], 0
+    while at < len(keys):
+        n = rng.randint(1, 150)
+        plans.append(ShardPlan(f"train-{len(plans):06d}", "train", []))
+        for i, k in enumerate(keys[at : at + n]):
+            expected.append(
+                {"key": k, "split": "train", "label": len(k), "shard": plans[-1].name, "index": i}
+            )
+        at += n
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("split", pa.string()),
+            ("label", pa.int64()),
+            ("shard", pa.string()),
+            ("index", pa.int64()),
+        ]
+    )
+    index = st._KeyIndex(plans, schema)
+    at = 0
+    for number, plan in enumerate(plans):
+        part = [r["key"] for r in expected if r["shard"] == plan.name]
+        index.add(number, pa.array(part, pa.string()), pa.array([len(k) for k in part], pa.int64()))
+
+    class Collect:
+        tables: list = []
+
+        def write(self, table):
+            self.tables.append(table)
+
+    out = Collect()
+    index.write(out)
+    got = pa.concat_tables(out.tables).to_pylist()
+    assert got == sorted(expected, key=lambda r: r["key"])  # code-point order = UTF-8 byte order
