@@ -58,6 +58,7 @@ import pyarrow as pa
 cfg_path, where, mode = sys.argv[1:4]
 out = {"rss_after_imports_mb": rss_mb()}
 trace = mode == "trace"
+STAGES = ("prepare", "fit_groups", "_finish_store", "write_catalog", "write_store_manifest")
 if trace:
     tracemalloc.start(16)
     MB = 1 / 2**20
@@ -95,8 +96,28 @@ if trace:
 
         setattr(ex, name, probe)
 
-    for name in ("prepare", "fit_groups", "_finish_store", "write_catalog", "write_store_manifest"):
+    for name in STAGES:
         wrap(name)
+else:  # the peak RSS so far (VmHWM) around each stage: where the peak is reached
+
+    def hwm_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
+    def stage(name):
+        fn = getattr(ex, name)
+
+        def probe(*a, **k):
+            out[f"{name}.rss_hwm_at_entry_mb"] = hwm_mb()
+            r = fn(*a, **k)
+            out[f"{name}.rss_hwm_after_mb"] = hwm_mb()
+            return r
+
+        setattr(ex, name, probe)
+
+    for name in STAGES:
+        stage(name)
 client = None
 if where != "serial":
     from distributed import Client
@@ -216,6 +237,12 @@ def main() -> None:
                 f"samples; growth above imports ×"
                 f"{(b['peak_rss_mb'] - b['rss_after_imports_mb']) / (a['peak_rss_mb'] - a['rss_after_imports_mb']):.2f}"
             )
+    lines += ["", "peak RSS so far (VmHWM, MB) at the entry and exit of each stage of run_extract:", ""]
+    lines.append("| stage | " + " | ".join(f"{r['mode']} {r['samples']:,}" for r in results) + " |")
+    lines.append("| --- |" + " --- |" * len(results))
+    stages = ("prepare", "fit_groups", "_finish_store", "write_catalog", "write_store_manifest")
+    for k in (f"{st}.rss_hwm_{at}_mb" for st in stages for at in ("at_entry", "after")):
+        lines.append(f"| {k} | " + " | ".join(f"{r.get(k, float('nan')):.0f}" for r in results) + " |")
     if not args.no_trace:
         lines += ["", "tracemalloc (Python allocations, MB) by stage of run_extract:", ""]
         keys = sorted({k for r in results for k in r["trace"] if k.endswith("_mb") and "rss" not in k})

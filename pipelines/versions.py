@@ -233,12 +233,15 @@ def reuse_shard(store, group: str, version: str, siblings: list[str], plan: Shar
 
 
 def remove_leftovers(store) -> int:
-    """Delete temporary files of interrupted local shard writes; returns how many."""
+    """Delete temporary files of interrupted local writes (shards, part and group records,
+    artifacts, catalog tables, ``store.json``); returns how many."""
     loc = as_location(store)
     if loc.remote:
         return 0  # an object appears only when its upload completes: nothing half-written
     n = 0
-    for leftover in (loc.path / "shards").glob("*/*/.*.tmp-*"):
-        leftover.unlink(missing_ok=True)
-        n += 1
+    patterns = (".*.tmp-*", "artifacts/.*.tmp-*", "catalog/.*.tmp*", "shards/*/*/.*.tmp-*")
+    for pattern in (*patterns, "versions/*/*/.*.tmp-*", "versions/*/*/parts/.*.tmp-*"):
+        for leftover in loc.path.glob(pattern):
+            leftover.unlink(missing_ok=True)
+            n += 1
     return n

@@ -71,6 +71,28 @@ def test_interrupted_run_with_another_config_stays_beside_the_new_one(reference,
     assert len(versions) == 2  # the interrupted run's version stays beside the new one (gc removes it)
 
 
+def test_temporary_files_of_a_killed_run_are_removed_on_resume(reference):
+    """A process killed inside ``write_atomic`` or a catalog write leaves a temporary file;
+    the next run removes every one (found by the SIGKILL test below when its kill fell
+    inside a part record's write)."""
+    cfg, store, files = reference
+    run_extract(cfg, progress=False)
+    (store / "store.json").unlink()  # as if killed before the end
+    part = next(store.glob("versions/audio/*/parts/*.json"))
+    left = [
+        part.with_name(f".{part.name}.tmp-4242"),
+        part.parent.parent / ".group.json.tmp-4242",
+        next(store.glob("shards/audio/*/*.tar")).with_name(".train-000000.tar.tmp-4242"),
+        store / "catalog" / ".samples.parquet.tmp",
+        store / ".store.json.tmp-4242",
+    ]
+    for path in left:
+        path.write_bytes(b"half")
+    summary = run_extract(cfg, progress=False)
+    assert summary.resumed_shards == summary.shards
+    assert snapshot(store) == files
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(10))
 def test_sigkill_at_a_random_shard_then_resume_is_byte_identical(reference, trial):
