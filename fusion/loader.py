@@ -557,6 +557,24 @@ class StreamingLoader:
             )
         self.dataset.epoch, self.dataset.start, self._position = int(state["epoch"]), position, position
 
+    def close(self) -> None:
+        """Stop the DataLoader worker processes now (they persist across epochs, and would
+        otherwise stay until the loader is garbage collected). Iterating again starts new
+        ones; batches already yielded stay valid."""
+        loader, self._dataloader = self._dataloader, None
+        if loader is None:
+            return
+        workers = getattr(loader, "_iterator", None)
+        loader._iterator = None
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()  # what the iterator's __del__ does, done now
+
+    def __enter__(self) -> StreamingLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _loader(self) -> DataLoader:
         # Workers persist across epochs (started once); each iteration's plan reaches them
         # through the dataset's shared mailbox, published just before the iteration starts.

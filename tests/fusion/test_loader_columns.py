@@ -189,6 +189,23 @@ def test_persistent_workers_take_each_iterations_plan(store):
     assert all(os.path.exists(f"/proc/{p}") for p in pids)
 
 
+def test_close_stops_the_workers_and_a_new_iteration_restarts_them(store):
+    kw = dict(batch_size=6, shuffle=True, seed=4, buffer_size=16)
+    want = _epoch(StreamingLoader(store, "train", **kw), 1)
+    with StreamingLoader(store, "train", num_workers=2, **kw) as loader:
+        kept = _epoch(loader, 1)
+        workers = list(loader._dataloader._iterator._workers)
+        assert all(w.is_alive() for w in workers)
+        loader.close()
+        assert not any(w.is_alive() for w in workers)  # joined, not left to the garbage collector
+        assert_same_batches(kept, want)  # batches yielded before close stay valid
+        assert_same_batches(_epoch(loader, 1), want)  # new workers, same epoch
+        again = list(loader._dataloader._iterator._workers)
+        assert {w.pid for w in again}.isdisjoint({w.pid for w in workers})
+    assert not any(w.is_alive() for w in again)  # the with block closed it
+    loader.close()  # twice is fine
+
+
 def _epoch(loader, epoch):
     loader.set_epoch(epoch)
     return list(loader)
