@@ -148,3 +148,10 @@ def test_streamed_manifest_equals_a_row_by_row_parse(tmp_path, monkeypatch, fmt)
         assert [(s.key, s.media) for s in pickle.loads(pickle.dumps(plan.samples))] == [
             (k, want[int(k[1:])][3]) for k in keys
         ]
+        # as Dask pickles a task (protocol 5, buffers out of band): no buffer goes out of band,
+        # so nothing of the driver's memory is referenced by the message once it is sent
+        out_of_band = []
+        blob = pickle.dumps(plan.samples, protocol=5, buffer_callback=out_of_band.append)
+        assert out_of_band == []
+        got = pickle.loads(blob)
+        assert [(s.key, s.label, s.split, s.media) for s in got] == [want[int(k[1:])] for k in keys]
