@@ -25,7 +25,7 @@ import numpy as np
 from features.errors import ConfigError, ExtractionError, ModalstoreError, StoreError
 from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
-from pipelines.manifest import Manifest, read_manifest
+from pipelines.manifest import Manifest, read_manifest, release_arrow_memory
 from pipelines.media import decode
 from pipelines.shards import Layout, ShardPlan, ShardWriter, plan_shards
 from pipelines.stats import field_moments, finalize, merge_moments, stats_bytes
@@ -773,6 +773,7 @@ def run_extract(
             client.cancel(list(futures))
             raise
     bar.close()
+    release_arrow_memory()  # the shards' rows read back from the manifest spill
     remove_leftovers(store)  # temporary files of attempts on workers that were killed
     all_errors = [e for rows in fit_errors.values() for e in rows] + [
         e for plan in plans for t in tasks for e in parts[t.name][plan.name]["errors"]

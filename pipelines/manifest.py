@@ -454,6 +454,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     key_array = pa.chunked_array(keys, pa.string())
     if _has_duplicates(key_array):
         _raise_duplicate(path, key_array)
+    release_arrow_memory()  # the sort's transient: ~28 B a row
     samples = SampleTable(key_array, ids, np.concatenate(splits), np.arange(1, n + 1, dtype=np.int64), media)
     return Manifest(path=str(path), samples=samples, classes=classes, fingerprint=sha256_file(path))
 
@@ -545,6 +546,15 @@ def _media_value(path: Path, row: int, c: str, value, base: str, check_files: bo
         if not os.access(resolved, os.R_OK):
             raise ManifestError(f"{path}: row {row}, column {c!r}: file not readable: {resolved}")
     return resolved
+
+
+def release_arrow_memory() -> None:
+    """Hand memory Arrow's allocator keeps after a large transient back to the OS: mimalloc
+    holds freed pages, so one sort of 1M keys left the driver's RSS 34 MB higher for the rest
+    of the run (BENCHMARKS.md, "Driver memory")."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _has_duplicates(keys) -> bool:

@@ -84,6 +84,7 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
     import numpy as np
     import pyarrow as pa
 
+    from pipelines.manifest import release_arrow_memory
     from pipelines.versions import read_part
 
     loc = as_location(store)
@@ -146,6 +147,7 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
             key_index.add(number, table.column("key"), labels)
     with _CatalogWriter(loc, "keys", key_schema, LOOKUP_ROW_GROUP) as w:
         key_index.write(w)
+    release_arrow_memory()
 
 
 def _as_table(samples):
