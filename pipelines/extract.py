@@ -721,20 +721,17 @@ def run_extract(
         pending = iter(todo)
         futures: dict = {}  # in flight: future -> (plan, groups)
 
+        def submit(plan: ShardPlan, groups: tuple[GroupTask, ...], suffix: str = ""):
+            key = f"extract-{plan.name}-{run_id}{suffix}"
+            fut = client.submit(extract_shard, plan, groups, root, key=key, resources=resources)
+            futures[fut] = (plan, groups)
+            return fut
+
         def submit_more(done) -> None:
             """Keep ``_in_flight(client)`` tasks submitted: a task's message carries its shard's
             rows, so the driver holds a bounded window of them, not the whole manifest."""
             for plan, groups in pending:
-                fut = client.submit(
-                    extract_shard,
-                    plan,
-                    groups,
-                    root,
-                    key=f"extract-{plan.name}-{run_id}",
-                    resources=resources,
-                )
-                futures[fut] = (plan, groups)
-                done.add(fut)
+                done.add(submit(plan, groups))
                 if len(futures) >= _in_flight(client):
                     return
 
@@ -754,15 +751,7 @@ def run_extract(
             # neighbours too. So a task Dask gave up on is run once more, alone on the cluster:
             # only a task that kills its worker by itself is reported failed.
             for plan, groups in suspects:
-                fut = client.submit(
-                    extract_shard,
-                    plan,
-                    groups,
-                    root,
-                    key=f"extract-{plan.name}-{run_id}-alone",
-                    resources=resources,
-                )
-                futures[fut] = (plan, groups)
+                fut = submit(plan, groups, "-alone")
                 try:
                     result = fut.result()
                 except KilledWorker as exc:
