@@ -161,8 +161,12 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 raise bad("device", "must be 'auto' or a torch device such as 'cpu' or 'cuda:0'") from None
         for name, params in self.model_params.items():
-            if name not in self.models:
-                raise ConfigError(f"TrainConfig.model_params: {name!r} is not in models {self.models}")
+            # params of a model not in `models` are kept unused (so `--set models=[lmf]` works
+            # on a config that sets others), but a name no model has is a typo
+            if name not in list_models():
+                raise ConfigError(
+                    f"TrainConfig.model_params: unknown model {name!r}; available: {', '.join(list_models())}"
+                )
             extra = sorted(set(params) - set(model_options(name)))
             if extra:
                 raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -260,6 +261,11 @@ def test_config_rejects_a_bad_optimizer(tmp_path):
             {"late_fusion": {"depth": 2}},
             r"unknown option\(s\) \['depth'\]; valid: \['combine'\]",
         ),
+        (
+            "model_params",
+            {"late_fusoin": {"combine": "mean"}},
+            r"TrainConfig.model_params: unknown model 'late_fusoin'; available: .*late_fusion",
+        ),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, key, value, match):
@@ -284,6 +290,12 @@ def test_load_config_with_overrides_and_bad_value_names_the_file(tmp_path):
     assert config.model_params == {"late_fusion": {"combine": "learned"}}
     with pytest.raises(ConfigError, match=r"train\.yaml: TrainConfig.epochs: must be >= 1"):
         load_train_config(path, ["epochs=0"])
+
+
+def test_models_override_keeps_the_other_models_params_unused():
+    config = load_train_config(Path("configs/train_demo.yaml"), ["models=[lmf,tcn]"])
+    assert config.models == ["lmf", "tcn"] and config.model_params["lmf"] == {"rank": 4}
+    assert "cross_attention" in config.model_params  # kept, validated, not trained
 
 
 def test_sgd_uses_momentum(tmp_path):
