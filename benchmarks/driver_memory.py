@@ -240,8 +240,8 @@ def main() -> None:
     lines += ["", "peak RSS so far (VmHWM, MB) at the entry and exit of each stage of run_extract:", ""]
     lines.append("| stage | " + " | ".join(f"{r['mode']} {r['samples']:,}" for r in results) + " |")
     lines.append("| --- |" + " --- |" * len(results))
-    stages = ("prepare", "fit_groups", "_finish_store", "write_catalog", "write_store_manifest")
-    for k in (f"{st}.rss_hwm_{at}_mb" for st in stages for at in ("at_entry", "after")):
+    probes = dict.fromkeys(k for r in results for k in r if ".rss_hwm_" in k)  # in the order they ran
+    for k in probes:
         lines.append(f"| {k} | " + " | ".join(f"{r.get(k, float('nan')):.0f}" for r in results) + " |")
     if not args.no_trace:
         lines += ["", "tracemalloc (Python allocations, MB) by stage of run_extract:", ""]

@@ -16,8 +16,8 @@ WORKER_ENV = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS"
 
 
 # Shard tasks run for seconds, so Dask's sub-second housekeeping is pure overhead here. On
-# an idle 2-worker LocalCluster (2 vCPUs) the defaults cost 3.4 % of a core in each worker
-# and 5.4 % in the driver (scheduler + client); with these, 0.3 % and 0.8 % (BENCHMARKS.md).
+# an idle 2-worker LocalCluster (2 vCPUs) the defaults cost 2.4-3.4 % of a core in each worker
+# and 3.5-5.4 % in the driver (scheduler + client); with these, 0.3 % and 0.8 % (BENCHMARKS.md).
 QUIET = {
     "distributed.worker.profile.enabled": False,  # the statistical profiler samples every 10 ms
     "distributed.admin.tick.interval": "1s",  # every event loop's blocked-loop check (20 ms)

@@ -167,23 +167,25 @@ KEY_MERGE_BATCH = 4096  # rows read from each run at a time while merging
 class _KeyIndex:
     """catalog/keys.parquet (every sample's row, sorted by key) by an external merge sort.
 
-    Rows come in plan order; every ``run`` rows are sorted and spilled to a temporary Parquet
-    file, and ``write`` merges the runs batch by batch. Memory holds one run plus a batch of
+    Rows come in plan order; every ``KEY_SORT_RUN`` rows are sorted and spilled to an anonymous
+    temporary Parquet file (like the manifest spill: nothing is left behind, however the process
+    ends), and ``write`` merges the runs batch by batch. Memory holds one run plus a batch of
     each run, not the store's keys: a 1M-sample store has 16 runs.
     """
 
     def __init__(self, plans, schema) -> None:
         import pyarrow as pa
 
-        self.plans, self.schema, self.run, self.batch = plans, schema, KEY_SORT_RUN, KEY_MERGE_BATCH
-        # plan number instead of split and shard strings while sorting: 4 bytes a row
+        self.schema, self.run, self.batch = schema, KEY_SORT_RUN, KEY_MERGE_BATCH
+        # split and shard names by plan number: a row carries 4 bytes for them while sorting
+        self.splits = pa.array([p.split for p in plans], pa.string())
+        self.names = pa.array([p.name for p in plans], pa.string())
         self.sort_schema = pa.schema(
             [("key", pa.string()), ("plan", pa.int32()), ("index", pa.int64()), ("label", pa.int64())]
         )
         self.pending: list = []
         self.count = 0
-        self.tmp = tempfile.TemporaryDirectory(prefix="modalstore-keys-")
-        self.runs: list[Path] = []
+        self.runs: list = []  # open anonymous files
 
     def add(self, number: int, keys, labels) -> None:
         import numpy as np
@@ -192,17 +194,8 @@ class _KeyIndex:
         n = len(keys)
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
-        self.pending.append(
-            pa.table(
-                [
-                    keys,
-                    pa.array(np.full(n, number, np.int32)),
-                    pa.array(np.arange(n, dtype=np.int64)),
-                    labels,
-                ],
-                schema=self.sort_schema,
-            )
-        )
+        plan, index = pa.array(np.full(n, number, np.int32)), pa.array(np.arange(n, dtype=np.int64))
+        self.pending.append(pa.table([keys, plan, index, labels], schema=self.sort_schema))
         self.count += n
         if self.count >= self.run:
             self._spill()
@@ -217,25 +210,23 @@ class _KeyIndex:
     def _spill(self) -> None:
         import pyarrow.parquet as pq
 
-        path = Path(self.tmp.name) / f"run-{len(self.runs):06d}.parquet"
-        pq.write_table(self._sorted_pending(), path, row_group_size=self.batch)
-        self.runs.append(path)
+        run = tempfile.TemporaryFile(prefix="modalstore-keys-", suffix=".parquet")
+        pq.write_table(self._sorted_pending(), run, row_group_size=self.batch)
+        self.runs.append(run)
 
     def _expand(self, table):
         """Sort-table rows as key-index rows (split and shard names from the plan number)."""
         import pyarrow as pa
 
-        of = table.column("plan").to_numpy()
-        return pa.table(
-            {
-                "key": table.column("key"),
-                "split": pa.array([self.plans[i].split for i in of], pa.string()),
-                "label": table.column("label"),
-                "shard": pa.array([self.plans[i].name for i in of], pa.string()),
-                "index": table.column("index"),
-            },
-            schema=self.schema,
-        )
+        of = table.column("plan")
+        columns = {
+            "key": table.column("key"),
+            "split": self.splits.take(of),
+            "label": table.column("label"),
+            "shard": self.names.take(of),
+            "index": table.column("index"),
+        }
+        return pa.table(columns, schema=self.schema)
 
     def merged(self):
         """The rows in key order, as tables of at most a few batches."""
@@ -248,7 +239,7 @@ class _KeyIndex:
             return
         if self.count:
             self._spill()
-        readers = [pq.ParquetFile(p).iter_batches(batch_size=self.batch) for p in self.runs]
+        readers = [pq.ParquetFile(run).iter_batches(batch_size=self.batch) for run in self.runs]
         heads: list = [pa.Table.from_batches([next(r)]) for r in readers]
         live = list(range(len(readers)))  # runs with rows left in their head or their file
         while live:
@@ -274,7 +265,8 @@ class _KeyIndex:
             for table in self.merged():
                 writer.write(self._expand(table))
         finally:
-            self.tmp.cleanup()
+            for run in self.runs:
+                run.close()
 
 
 class _CatalogWriter:

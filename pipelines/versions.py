@@ -232,6 +232,18 @@ def reuse_shard(store, group: str, version: str, siblings: list[str], plan: Shar
     return None
 
 
+# Temporary names of interrupted writes: ``write_atomic``'s ``.NAME.tmp-PID`` and the catalog's
+# ``.NAME.parquet.tmp``.
+_LEFTOVERS = (
+    ".*.tmp-*",
+    "artifacts/.*.tmp-*",
+    "catalog/.*.tmp*",
+    "shards/*/*/.*.tmp-*",
+    "versions/*/*/.*.tmp-*",
+    "versions/*/*/parts/.*.tmp-*",
+)
+
+
 def remove_leftovers(store) -> int:
     """Delete temporary files of interrupted local writes (shards, part and group records,
     artifacts, catalog tables, ``store.json``); returns how many."""
@@ -239,8 +251,7 @@ def remove_leftovers(store) -> int:
     if loc.remote:
         return 0  # an object appears only when its upload completes: nothing half-written
     n = 0
-    patterns = (".*.tmp-*", "artifacts/.*.tmp-*", "catalog/.*.tmp*", "shards/*/*/.*.tmp-*")
-    for pattern in (*patterns, "versions/*/*/.*.tmp-*", "versions/*/*/parts/.*.tmp-*"):
+    for pattern in _LEFTOVERS:
         for leftover in loc.path.glob(pattern):
             leftover.unlink(missing_ok=True)
             n += 1

@@ -293,7 +293,8 @@ def test_load_config_with_overrides_and_bad_value_names_the_file(tmp_path):
 
 
 def test_models_override_keeps_the_other_models_params_unused():
-    config = load_train_config(Path("configs/train_demo.yaml"), ["models=[lmf,tcn]"])
+    demo = Path(__file__).resolve().parents[2] / "configs" / "train_demo.yaml"
+    config = load_train_config(demo, ["models=[lmf,tcn]"])
     assert config.models == ["lmf", "tcn"] and config.model_params["lmf"] == {"rank": 4}
     assert "cross_attention" in config.model_params  # kept, validated, not trained
 

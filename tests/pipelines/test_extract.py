@@ -2,6 +2,7 @@ import io
 import json
 import shutil
 import tempfile
+from types import SimpleNamespace
 
 import librosa
 import numpy as np
@@ -282,7 +283,7 @@ def test_key_index_by_external_merge_equals_a_python_sort_of_the_catalog(demo_di
     index = pq.read_table(tmp_path / "s/catalog/keys.parquet")
     assert index.column_names == columns
     assert index.to_pylist() == sorted(samples, key=lambda r: r["key"])
-    assert not list((tmp_path / "tmp").iterdir())  # runs removed
+    assert not list((tmp_path / "tmp").iterdir())  # the runs had no name: nothing left
 
 
 def test_key_index_merge_of_random_unicode_keys_in_many_runs(tmp_path, monkeypatch):
@@ -318,18 +319,11 @@ def test_key_index_merge_of_random_unicode_keys_in_many_runs(tmp_path, monkeypat
         ]
     )
     index = st._KeyIndex(plans, schema)
-    at = 0
     for number, plan in enumerate(plans):
         part = [r["key"] for r in expected if r["shard"] == plan.name]
         index.add(number, pa.array(part, pa.string()), pa.array([len(k) for k in part], pa.int64()))
 
-    class Collect:
-        tables: list = []
-
-        def write(self, table):
-            self.tables.append(table)
-
-    out = Collect()
-    index.write(out)
-    got = pa.concat_tables(out.tables).to_pylist()
+    tables: list = []
+    index.write(SimpleNamespace(write=tables.append))
+    got = pa.concat_tables(tables).to_pylist()
     assert got == sorted(expected, key=lambda r: r["key"])  # code-point order = UTF-8 byte order
