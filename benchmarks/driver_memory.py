@@ -120,8 +120,8 @@ else:  # the peak RSS so far (VmHWM) around each stage: where the peak is reache
         stage(name)
 client = None
 if where != "serial":
-    from distributed import Client
-    client = Client(where)
+    from pipelines.cluster import connect  # as `modalstore extract --scheduler` connects
+    client = connect(where)
 if trace:
     BASE = tracemalloc.take_snapshot()
     out["baseline_traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20

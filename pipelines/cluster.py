@@ -26,6 +26,14 @@ QUIET = {
 }
 
 
+# The driver's message log: every Dask comm keeps its last ``low-level-log-length`` (1,000)
+# messages under 1 MB for debugging (``BatchedSend.recent_message_log``), and a shard task's
+# message carries its shard's rows: 86 MB held at 1M samples (1,000 shards), growing with the
+# number of samples (BENCHMARKS.md, "Driver memory"). The client (and a LocalCluster's
+# scheduler, which runs in the driver) keep none.
+DRIVER = {"distributed.admin.low-level-log-length": 0}
+
+
 def worker_config() -> dict:
     return {"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV), **QUIET}
 
@@ -35,7 +43,7 @@ def local_client(n_workers: int | None = None, memory_limit: str = "auto"):
     from distributed import Client, LocalCluster
 
     n_workers = n_workers or os.cpu_count() or 1
-    with dask.config.set(worker_config()):
+    with dask.config.set({**worker_config(), **DRIVER}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -50,7 +58,8 @@ def connect(scheduler: str):
     """A client on an existing cluster (``tcp://HOST:PORT``)."""
     from distributed import Client
 
-    return Client(scheduler)
+    with dask.config.set(DRIVER):
+        return Client(scheduler)
 
 
 def shutdown(client) -> None:

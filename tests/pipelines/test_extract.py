@@ -153,6 +153,12 @@ def _worker_settings() -> dict:
     }
 
 
+def _kept_messages(client) -> int:
+    """Messages the client keeps after sending them: Dask's debugging log of its comm (1,000 by
+    default), where every shard task's message, carrying its shard's rows, stayed alive."""
+    return len(client.scheduler_comm.recent_message_log)
+
+
 @pytest.mark.slow
 def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp_path):
     from pipelines.cluster import QUIET, local_client, shutdown
@@ -163,8 +169,10 @@ def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp
         run_extract(load_extract_config(cfg), client=client, progress=False)
         # the workers run with the housekeeping turned down and without Dask's malloc trim
         settings = client.run(_worker_settings)
+        kept = _kept_messages(client)
     finally:
         shutdown(client)
+    assert kept == 0
     assert len(settings) == 2
     for got in settings.values():
         assert got == {**QUIET, "MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
@@ -210,9 +218,10 @@ def test_train_statistics_equal_numpy_over_all_train_arrays(tiny_store, group, f
 def dask_cluster(tmp_path):
     """A real cluster: `dask scheduler` and two `dask worker` processes, one with GPU=1."""
     from cluster_fixtures import dask_cluster as start
-    from distributed import Client
 
-    with start(tmp_path, {"cpu": [], "gpu": ["--resources", "GPU=1"]}) as address, Client(address) as client:
+    from pipelines.cluster import connect
+
+    with start(tmp_path, {"cpu": [], "gpu": ["--resources", "GPU=1"]}) as address, connect(address) as client:
         yield client
 
 
@@ -238,6 +247,7 @@ def test_gpu_resource_routes_tasks_to_gpu_workers(demo_dir, tmp_path, dask_clust
     assert len(placed) == len(open_store(tmp_path / "s").shards("train")) + 2  # train shards + val + test
     assert set(placed.values()) == {"gpu"}
     assert summary.samples == 48 and summary.errors == 0
+    assert _kept_messages(client) == 0
     cfg2 = load_extract_config(
         write_extract_config(
             tmp_path / "c2.yaml",
