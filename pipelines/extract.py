@@ -25,9 +25,10 @@ import numpy as np
 from features.errors import ConfigError, ExtractionError, ModalstoreError, StoreError
 from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
-from pipelines.manifest import Manifest, read_manifest, release_arrow_memory
+from pipelines.manifest import Manifest, read_manifest
 from pipelines.media import decode
 from pipelines.shards import Layout, ShardPlan, ShardWriter, plan_shards
+from pipelines.spill import release_arrow_memory
 from pipelines.stats import field_moments, finalize, merge_moments, stats_bytes
 from pipelines.storage import Location, read_url
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest

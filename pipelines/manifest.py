@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from features.errors import ManifestError
+from pipelines.spill import release_arrow_memory
 
 SPLITS = ("train", "val", "test")
 MEDIA_COLUMNS = ("image", "audio", "video")
@@ -546,15 +547,6 @@ def _media_value(path: Path, row: int, c: str, value, base: str, check_files: bo
         if not os.access(resolved, os.R_OK):
             raise ManifestError(f"{path}: row {row}, column {c!r}: file not readable: {resolved}")
     return resolved
-
-
-def release_arrow_memory() -> None:
-    """Hand memory Arrow's allocator keeps after a large transient back to the OS: mimalloc
-    holds freed pages, so one sort of 1M keys left the driver's RSS 34 MB higher for the rest
-    of the run (BENCHMARKS.md, "Driver memory")."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
 
 
 def _has_duplicates(keys) -> bool:
