@@ -25,7 +25,7 @@ import numpy as np
 from features.errors import ConfigError, ExtractionError, ModalstoreError, StoreError
 from features.registry import create_extractor, get_extractor
 from pipelines.config import load_config, to_dict
-from pipelines.manifest import Manifest, read_manifest
+from pipelines.manifest import Manifest, SampleTable, read_manifest
 from pipelines.media import decode
 from pipelines.shards import Layout, ShardPlan, ShardWriter, plan_shards
 from pipelines.spill import release_arrow_memory
@@ -234,6 +234,8 @@ def extract_shard(plan: ShardPlan, groups: tuple[GroupTask, ...], store: str) ->
     """
     _pin_threads()
     t0 = time.perf_counter()
+    if not isinstance(plan.samples, SampleTable):  # run in the driver: read the rows once
+        plan = dataclasses.replace(plan, samples=plan.samples.table())
     n = len(plan.samples)
     rows = rows_hash(plan)
     parts: dict[str, dict] = {}
@@ -524,7 +526,7 @@ def fit_groups(
     artifact instead of fitting again. Returns the tasks (with artifact paths) and, per
     group, the error rows of media left out of its fit.
     """
-    train = manifest.samples.view(manifest.split_indices("train"))
+    train = manifest.split("train")
     out, errors = [], {}
     for task in tasks:
         cls = get_extractor(task.extractor)

@@ -60,7 +60,7 @@ def config_versions(config_path: str | Path, store: Location) -> dict[str, str]:
     if not same:
         raise StoreError(f"{config_path}: config is for store {config.store!r}, not {str(store)!r}")
     manifest, _, tasks, _ = prepare(config, incremental=False)
-    train = manifest.samples.view(manifest.split_indices("train"))
+    train = manifest.split("train")
     known = []
     for task in tasks:
         cls = get_extractor(task.extractor)

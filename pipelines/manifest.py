@@ -48,11 +48,10 @@ class Sample:
 
 
 class SampleTable(Sequence):
-    """Manifest rows in compact columns; a ``Sample`` is built when a row is read.
+    """Rows of a manifest in compact in-memory columns; a ``Sample`` is built when a row is read.
 
-    A driver planning millions of rows holds these columns (Arrow strings and bytes, numpy
-    ints) instead of one Python object per row; a shard task receives a compact table of just
-    its own rows (``take``), which pickles as a few buffers.
+    What a shard task receives (the rows of its shard), and what tests and benchmarks build
+    from a list of samples. A whole manifest is a ``ManifestRows``: its rows stay on disk.
     """
 
     __slots__ = ("keys", "labels", "splits", "rows", "media")
@@ -62,8 +61,7 @@ class SampleTable(Sequence):
         self.labels = labels  # np.int64: class ids
         self.splits = splits  # np.int8: index into SPLITS
         self.rows = rows  # np.int64: 1-based manifest rows
-        # modality -> binary (Chunked)Array (UTF-8, surrogate escapes kept; null = absent), or a
-        # SpilledMedia: the same columns in a local Parquet file, read for the rows taken
+        # modality -> binary (Chunked)Array (UTF-8, surrogate escapes kept; null = absent)
         self.media = media
 
     @classmethod
@@ -90,8 +88,6 @@ class SampleTable(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        if isinstance(self.media, SpilledMedia):
-            return next(iter(self.take([i])))
         media = {m: col[i].as_py() for m, col in self.media.items()}
         return Sample(
             key=self.keys[i].as_py(),
@@ -102,10 +98,6 @@ class SampleTable(Sequence):
         )
 
     def __iter__(self) -> Iterator[Sample]:
-        if isinstance(self.media, SpilledMedia):
-            for start in range(0, len(self), _CHUNK):
-                yield from self.take(np.arange(start, min(start + _CHUNK, len(self))))
-            return
         for start in range(0, len(self), _CHUNK):
             stop = min(start + _CHUNK, len(self))
             keys = self.keys[start:stop].to_pylist()
@@ -127,26 +119,17 @@ class SampleTable(Sequence):
 
         idx = np.asarray(indices, dtype=np.int64)
         at = pa.array(idx)
-        if not media:
-            media = {}
-        elif isinstance(self.media, SpilledMedia):
-            media = self.media.take(idx)
-        else:
-            media = {m: col.take(at) for m, col in self.media.items()}
-        return SampleTable(self.keys.take(at), self.labels[idx], self.splits[idx], self.rows[idx], media)
+        cols = {m: col.take(at) for m, col in self.media.items()} if media else {}
+        return SampleTable(self.keys.take(at), self.labels[idx], self.splits[idx], self.rows[idx], cols)
+
+    def table(self, media: bool = True) -> SampleTable:
+        return self if media else self.take(np.arange(len(self)), media=False)
 
     def modalities(self) -> list[str]:
         """The modalities some row has."""
-        if isinstance(self.media, SpilledMedia):
-            return [m for m in MODALITY_COLUMNS if self.media.present.get(m)]
         return [m for m, col in self.media.items() if col.null_count < len(col)]
 
-    def view(self, indices) -> SampleView:
-        return SampleView(self, np.asarray(indices, dtype=np.int64))
-
     def __reduce__(self):
-        if isinstance(self.media, SpilledMedia):  # the file is this process's: send the rows
-            return self.take(np.arange(len(self))).__reduce__()
         # One in-band bytes object. Dask pickles with protocol 5 and passes Arrow and numpy
         # buffers out of band, and its client kept those of every submitted shard task alive
         # after the task was done (20 MB at 300k samples, 64 MB at 1M; BENCHMARKS.md, "Driver
@@ -159,102 +142,163 @@ def _load_table(blob: bytes) -> SampleTable:
     return SampleTable(*pickle.loads(blob))
 
 
-class SpilledMedia:
-    """A manifest's media columns (paths, URLs, inline text) in a temporary local Parquet file,
-    in row groups of ``_SPILL_ROWS``: the driver reads back only the rows of the shard it
-    hashes or sends, so its memory does not hold the manifest's data. The file has no name:
-    its space is freed when this object is collected or the process ends, however it ends."""
+_SPILL_ROWS = 1024  # rows per row group of a split's spill: a shard reads ~its own rows
 
-    def __init__(self, columns: list[str]) -> None:
-        import tempfile
 
-        # anonymous (unlinked at once): nothing is left behind, even by a killed process
-        self._spill = tempfile.TemporaryFile(prefix="modalstore-manifest-", suffix=".parquet")
-        self.columns = columns
-        self.present: dict[str, int] = dict.fromkeys(columns, 0)  # non-null rows per column
-        self._writer = None
-        self._pending: list = []
-        self._pending_rows = 0
-        self._file = None
+def _spill_schema(media: list[str]):
+    import pyarrow as pa
 
-    def append(self, arrays: dict) -> None:
+    return pa.schema(
+        [("key", pa.string()), ("label", pa.int64()), ("row", pa.int64())] + [(m, pa.binary()) for m in media]
+    )
+
+
+class ManifestRows(Sequence):
+    """Every row of a manifest, kept on local disk: one ``Spill`` per split (key, label code,
+    manifest row, media columns), read back a shard or a chunk at a time.
+
+    The driver holds the label codes' class ids and row counts, nothing per sample: a shard
+    plan is a range of its split's spill (``SplitRows``), and a shard task receives the rows
+    of its range as a compact ``SampleTable``.
+    """
+
+    def __init__(self, spills: dict, label_ids: np.ndarray | None, present: dict[str, int]) -> None:
+        self.spills = spills  # split -> closed Spill
+        self.label_ids = label_ids  # label code -> class id (None: codes are class ids)
+        self.present = present  # modality -> rows that have it
+        self.media = [m for m in MODALITY_COLUMNS if m in present]
+
+    @classmethod
+    def from_samples(cls, samples) -> ManifestRows:
+        """Spill a sequence of ``Sample`` (tests, benchmarks, a plan from a list)."""
         import pyarrow as pa
 
-        for m, arr in arrays.items():
-            self.present[m] += len(arr) - arr.null_count
-        self._pending.append(pa.table(arrays, schema=self._schema()))
-        self._pending_rows += len(next(iter(arrays.values()))) if arrays else 0
-        while self._pending_rows >= _SPILL_ROWS:
-            self._flush(_SPILL_ROWS)
+        from pipelines.spill import Spill
 
-    def _schema(self):
-        import pyarrow as pa
+        samples = list(samples)
+        media = [m for m in MODALITY_COLUMNS if any(m in s.media for s in samples)]
+        schema = _spill_schema(media)
+        spills = {s: Spill(schema, _SPILL_ROWS, f"modalstore-{s}-") for s in SPLITS}
+        present = dict.fromkeys(media, 0)
+        for split in SPLITS:
+            ours = [s for s in samples if s.split == split]
+            for start in range(0, len(ours), _CHUNK):
+                chunk = ours[start : start + _CHUNK]
+                cols = {
+                    "key": pa.array([s.key for s in chunk], pa.string()),
+                    "label": pa.array([s.label for s in chunk], pa.int64()),
+                    "row": pa.array([s.row for s in chunk], pa.int64()),
+                }
+                for m in media:
+                    cols[m] = pa.array([_encode(s.media.get(m)) for s in chunk], pa.binary())
+                    present[m] += sum(m in s.media for s in chunk)
+                spills[split].append(pa.table(cols, schema=schema))
+            spills[split].close()
+        return cls(spills, None, present)
 
-        return pa.schema([pa.field(m, pa.binary()) for m in self.columns])
-
-    def _flush(self, n: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._spill, self._schema(), compression="none")
-        table = pa.concat_tables(self._pending) if self._pending else self._schema().empty_table()
-        self._writer.write_table(table.slice(0, n), row_group_size=max(n, 1))
-        rest = table.slice(n)
-        self._pending, self._pending_rows = [rest], rest.num_rows
-
-    def close(self) -> None:
-        if self._pending_rows or self._writer is None:
-            self._flush(self._pending_rows)
-        self._writer.close()
-        self._writer = None
-
-    def take(self, idx: np.ndarray) -> dict:
-        """The rows at ``idx`` (manifest positions): modality -> binary array."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if self._file is None:
-            self._file = pq.ParquetFile(self._spill)
-        groups = np.unique(idx // _SPILL_ROWS)
-        if len(groups) == 0:
-            return {m: pa.array([], pa.binary()) for m in self.columns}
-        table = self._file.read_row_groups(groups.tolist(), columns=self.columns)
-        starts = np.searchsorted(groups, idx // _SPILL_ROWS) * _SPILL_ROWS  # where each group begins
-        at = pa.array(starts + idx % _SPILL_ROWS)
-        return {m: table.column(m).take(at).combine_chunks() for m in self.columns}
-
-
-_SPILL_ROWS = 1024
-
-
-class SampleView(Sequence):
-    """Some rows of a ``SampleTable`` by index (8 bytes a row); pickles as a compact table."""
-
-    __slots__ = ("table", "indices")
-
-    def __init__(self, table: SampleTable, indices: np.ndarray) -> None:
-        self.table, self.indices = table, indices
+    def split(self, split: str) -> SplitRows:
+        """The rows of ``split``, in manifest order."""
+        return SplitRows(self, split, 0, len(self.spills[split]))
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return sum(len(s) for s in self.spills.values())
+
+    def modalities(self) -> list[str]:
+        """The modalities some row has."""
+        return [m for m in self.media if self.present[m]]
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Every row in manifest order (the splits' rows merged by row number)."""
+        import heapq
+
+        return heapq.merge(*(iter(self.split(s)) for s in SPLITS), key=lambda s: s.row)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return SampleView(self.table, self.indices[i])
-        return self.table[int(self.indices[i])]
+            return list(self)[i]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        rows = [self.spills[s].read(0, len(self.spills[s]), ["row"]).column("row").to_numpy() for s in SPLITS]
+        order = np.argsort(np.concatenate(rows), kind="stable")
+        split_of = np.repeat(np.arange(len(SPLITS)), [len(r) for r in rows])[order[i]]
+        position = order[i] - sum(len(r) for r in rows[:split_of])
+        return self.split(SPLITS[split_of])[int(position)]
+
+
+class SplitRows(Sequence):
+    """Some rows of one split of a ``ManifestRows``: a range (``start:stop``) of its spill, or
+    positions in it. Reads the spill when iterated; pickles as a compact ``SampleTable``."""
+
+    __slots__ = ("source", "split", "start", "stop", "positions")
+
+    def __init__(self, source: ManifestRows, split: str, start: int, stop: int, positions=None) -> None:
+        self.source, self.split, self.start, self.stop = source, split, start, stop
+        self.positions = None if positions is None else np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.stop - self.start if self.positions is None else len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if self.positions is None and step == 1:
+                return SplitRows(self.source, self.split, self.start + start, self.start + max(start, stop))
+            return self.at(self._positions()[i])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self[i : i + 1].table()[0]
+
+    def at(self, positions) -> SplitRows:
+        """The rows at ``positions`` of the split's spill."""
+        return SplitRows(self.source, self.split, 0, 0, positions)
+
+    def _positions(self) -> np.ndarray:
+        return np.arange(self.start, self.stop) if self.positions is None else self.positions
 
     def __iter__(self) -> Iterator[Sample]:
         for start in range(0, len(self), _CHUNK):
-            yield from self.table.take(self.indices[start : start + _CHUNK])
+            yield from self[start : start + _CHUNK].table()
+
+    def arrow(self, columns: list[str] | None = None):
+        """The rows as an Arrow table of the spill's columns (label: the code)."""
+        spill = self.source.spills[self.split]
+        if self.positions is None:
+            return spill.read(self.start, self.stop, columns)
+        return spill.take(self.positions, columns)
+
+    def table(self, media: bool = True) -> SampleTable:
+        """The rows as a compact in-memory ``SampleTable`` (without ``media``: keys and labels)."""
+        media_cols = self.source.media if media else []
+        t = self.arrow(["key", "label", "row", *media_cols])
+        codes = t.column("label").to_numpy()
+        ids = self.source.label_ids
+        return SampleTable(
+            t.column("key").combine_chunks(),
+            (codes if ids is None else ids[codes]).astype(np.int64),
+            np.full(t.num_rows, SPLITS.index(self.split), np.int8),
+            t.column("row").to_numpy().astype(np.int64),
+            {m: t.column(m).combine_chunks() for m in media_cols},
+        )
 
     def __reduce__(self):
-        return self.table.take(self.indices).__reduce__()
+        return self.table().__reduce__()
 
 
 _CHUNK = 8192  # rows converted to Python objects at a time
-# CSV blocks parsed at a time (one row must fit in one block).
-_CSV_BLOCK = 512 << 10
+# CSV blocks parsed at a time, tried in turn: a row must fit in one block. Arrow's streaming
+# reader buffers blocks ahead of the parser: with 512 KB blocks that held 16 MB more at 300k
+# rows than at 10k, with 64 KB blocks 2 MB (BENCHMARKS.md, "Driver memory"); a manifest with a
+# longer row (long inline text) is read again with larger blocks.
+_CSV_BLOCKS = (64 << 10, 1 << 20, 16 << 20, 256 << 20)
+
+
+class _BlockTooSmall(Exception):
+    """A CSV row does not fit in the parser's block."""
 
 
 def _encode(value: str | None) -> bytes | None:
@@ -268,7 +312,7 @@ def _decode(value: bytes) -> str:
 @dataclass(frozen=True)
 class Manifest:
     path: str
-    samples: SampleTable
+    samples: ManifestRows
     classes: list[str]
     fingerprint: str
 
@@ -279,12 +323,12 @@ class Manifest:
     def modalities(self) -> list[str]:
         return self.samples.modalities()
 
-    def split_indices(self, split: str) -> np.ndarray:
-        """Manifest positions of the rows of ``split``, in order."""
-        return np.flatnonzero(self.samples.splits == SPLITS.index(split))
+    def split(self, split: str) -> SplitRows:
+        """The rows of ``split``, in manifest order."""
+        return self.samples.split(split)
 
 
-def _batches(path: Path) -> tuple[list[str], Iterator]:
+def _batches(path: Path, csv_block: int = _CSV_BLOCKS[0]) -> tuple[list[str], Iterator]:
     """(column names, an iterator of Arrow tables of at most ``_CHUNK`` rows with the columns we
     use): CSV and Parquet are streamed, JSON lines read whole. Parse errors raise ManifestError
     (also from the iterator)."""
@@ -302,7 +346,7 @@ def _batches(path: Path) -> tuple[list[str], Iterator]:
         elif suffix == ".csv":
             names = _csv_header(path)
             ours = _ours(path, names)
-            batches = _csv_batches(path, ours)
+            batches = _csv_batches(path, ours, csv_block)
         elif suffix in (".jsonl", ".json", ".ndjson"):
             import pyarrow.json as pajson
 
@@ -342,7 +386,7 @@ def _csv_header(path: Path) -> list[str]:
         raise ManifestError(f"{path}: cannot parse manifest header: {exc}") from exc
 
 
-def _csv_batches(path: Path, ours: list[str]) -> Iterator:
+def _csv_batches(path: Path, ours: list[str], block: int) -> Iterator:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -350,7 +394,7 @@ def _csv_batches(path: Path, ours: list[str]) -> Iterator:
     with open(path, "rb") as f:
         reader = pacsv.open_csv(
             f,
-            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
+            read_options=pacsv.ReadOptions(block_size=block, use_threads=False),
             convert_options=pacsv.ConvertOptions(
                 include_columns=ours,
                 # labels as text, typed below over the whole column; inline text as bytes: an
@@ -371,6 +415,10 @@ def _parse_errors(path: Path, batches: Iterator) -> Iterator:
 
     try:
         yield from batches
+    except pa.ArrowInvalid as exc:
+        if "straddl" in str(exc):  # "straddling object straddles two block boundaries"
+            raise _BlockTooSmall from exc
+        raise ManifestError(f"{path}: cannot parse manifest: {_describe(exc)}") from exc
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ManifestError(f"{path}: cannot parse manifest: {_describe(exc)}") from exc
 
@@ -401,63 +449,105 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     Every problem raises ``ManifestError`` naming the file, the row (1-based, data rows)
     and the column. With ``check_files`` local media files must exist and be readable.
 
-    Rows are streamed ``_CHUNK`` at a time (CSV and Parquet; JSON lines are parsed whole):
-    what stays in memory is keys, labels and splits as compact columns; the media columns go
-    to a temporary local Parquet file (``SpilledMedia``) and are read back shard by shard.
+    Rows are streamed ``_CHUNK`` at a time (CSV and Parquet; JSON lines are parsed whole) into
+    one temporary local Parquet file per split (``ManifestRows``), read back shard by shard;
+    duplicate keys are found by an external sort. Memory holds a chunk and a sort run, not the
+    manifest: nothing grows with the number of rows but the distinct labels.
     """
-    import pyarrow as pa
-
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found")
-    names, batches = _batches(path)
+    for block in _CSV_BLOCKS:
+        try:
+            return _read(path, check_files, block)
+        except _BlockTooSmall:
+            continue  # a CSV row longer than the block: read again with larger blocks
+    raise ManifestError(
+        f"{path}: cannot parse manifest: a row is longer than {_CSV_BLOCKS[-1] >> 20} MB, "
+        "the most one CSV row may hold; shorten its inline text"
+    )
+
+
+def _read(path: Path, check_files: bool, csv_block: int) -> Manifest:
+    import pyarrow as pa
+
+    from pipelines.spill import ExternalSort, Spill
+
+    names, batches = _batches(path, csv_block)
     base = str(path.parent.resolve())
     present_cols = [c for c in MODALITY_COLUMNS if c in names]
-    media = SpilledMedia(present_cols)
+    schema = _spill_schema(present_cols)
+    spills = {s: Spill(schema, _SPILL_ROWS, f"modalstore-{s}-") for s in SPLITS}
+    present = dict.fromkeys(present_cols, 0)
     labels = _Labels(path, csv=path.suffix.lower() == ".csv")
-    keys: list = []
-    splits: list[np.ndarray] = []
+    key_schema = pa.schema([("key", pa.string()), ("row", pa.int64())])
+    keys = ExternalSort(key_schema, ["key", "row"], _KEY_RUN, _KEY_BATCH, "modalstore-keys-")
     start = 0
-    for chunk in batches:
-        chunk_keys, chunk_splits = [], np.empty(chunk.num_rows, np.int8)
-        chunk_media: dict[str, list] = {c: [] for c in present_cols}
-        values = {c: chunk.column(c).to_pylist() for c in present_cols}
-        for j, (key, label, split) in enumerate(
-            zip(*(chunk.column(c).to_pylist() for c in REQUIRED_COLUMNS), strict=True)
-        ):
-            row = start + j + 1
-            if key is None or not str(key).strip():
-                raise ManifestError(f"{path}: row {row}, column 'key': empty key")
-            key = str(key)
-            if _BAD_KEY.search(key):
-                raise ManifestError(
-                    f"{path}: row {row}, column 'key': {key!r} contains '.', '/', '\\' or whitespace, "
-                    "which WebDataset treats as separators; rename the key"
-                )
-            labels.add(row, label)
-            if split not in SPLITS:
-                raise ManifestError(
-                    f"{path}: row {row}, column 'split': {split!r} is not one of {list(SPLITS)}"
-                )
-            chunk_splits[j] = SPLITS.index(split)
-            chunk_keys.append(key)
+    with keys:
+        for chunk in batches:
+            chunk_keys, chunk_labels = [], []
+            chunk_splits = np.empty(chunk.num_rows, np.int8)
+            chunk_media: dict[str, list] = {c: [] for c in present_cols}
+            values = {c: chunk.column(c).to_pylist() for c in present_cols}
+            for j, (key, label, split) in enumerate(
+                zip(*(chunk.column(c).to_pylist() for c in REQUIRED_COLUMNS), strict=True)
+            ):
+                row = start + j + 1
+                if key is None or not str(key).strip():
+                    raise ManifestError(f"{path}: row {row}, column 'key': empty key")
+                key = str(key)
+                if _BAD_KEY.search(key):
+                    raise ManifestError(
+                        f"{path}: row {row}, column 'key': {key!r} contains '.', '/', '\\' or whitespace, "
+                        "which WebDataset treats as separators; rename the key"
+                    )
+                chunk_labels.append(labels.add(row, label))
+                if split not in SPLITS:
+                    raise ManifestError(
+                        f"{path}: row {row}, column 'split': {split!r} is not one of {list(SPLITS)}"
+                    )
+                chunk_splits[j] = SPLITS.index(split)
+                chunk_keys.append(key)
+                for c in present_cols:
+                    chunk_media[c].append(
+                        _encode(_media_value(path, row, c, values[c][j], base, check_files))
+                    )
+            rows = pa.array(np.arange(start + 1, start + chunk.num_rows + 1, dtype=np.int64))
+            table = pa.table(
+                {
+                    "key": pa.array(chunk_keys, pa.string()),
+                    "label": pa.array(chunk_labels, pa.int64()),
+                    "row": rows,
+                    **{c: pa.array(chunk_media[c], pa.binary()) for c in present_cols},
+                },
+                schema=schema,
+            )
             for c in present_cols:
-                chunk_media[c].append(_encode(_media_value(path, row, c, values[c][j], base, check_files)))
-        keys.append(pa.array(chunk_keys, pa.string()))
-        splits.append(chunk_splits)
-        media.append({c: pa.array(chunk_media[c], pa.binary()) for c in present_cols})
-        start += chunk.num_rows
-    n = start
-    if n == 0:
-        raise ManifestError(f"{path}: manifest has no rows")
-    media.close()
-    ids, classes = labels.finish()
-    key_array = pa.chunked_array(keys, pa.string())
-    if _has_duplicates(key_array):
-        _raise_duplicate(path, key_array)
-    release_arrow_memory()  # the sort's transient: ~28 B a row
-    samples = SampleTable(key_array, ids, np.concatenate(splits), np.arange(1, n + 1, dtype=np.int64), media)
+                present[c] += table.num_rows - table.column(c).null_count
+            for code, split in enumerate(SPLITS):
+                mask = chunk_splits == code
+                if mask.all():
+                    spills[split].append(table)
+                elif mask.any():
+                    spills[split].append(table.filter(pa.array(mask)))
+            keys.add(table.select(["key", "row"]))
+            del table, chunk_keys, chunk_media, values
+            release_arrow_memory()  # the chunk's transients: mimalloc would keep their pages
+            start += chunk.num_rows
+        if start == 0:
+            raise ManifestError(f"{path}: manifest has no rows")
+        for spill in spills.values():
+            spill.close()
+        ids, classes = labels.finish()
+        _check_duplicates(path, keys)
+    release_arrow_memory()
+    samples = ManifestRows(spills, ids, present)
     return Manifest(path=str(path), samples=samples, classes=classes, fingerprint=sha256_file(path))
+
+
+# Sorted runs of the duplicate-key check: the most of the manifest's keys held at once.
+_KEY_RUN = 16384
+_KEY_BATCH = 1024
 
 
 _INT = re.compile(r"\s*[+-]?\d+\s*")
@@ -474,10 +564,9 @@ class _Labels:
         self.path, self.csv = path, csv
         self.code: dict = {}  # (type, value) -> code, in order of first appearance
         self.first_row: list[int] = []  # per code
-        self.codes: list[np.ndarray] = []
-        self._pending: list[int] = []
 
-    def add(self, row: int, label) -> None:
+    def add(self, row: int, label) -> int:
+        """The label's code (its distinct value's number, in order of first appearance)."""
         if label is None or (isinstance(label, str) and not label.strip()):
             raise ManifestError(f"{self.path}: row {row}, column 'label': empty label")
         if isinstance(label, float) and not label.is_integer():
@@ -489,17 +578,10 @@ class _Labels:
         if code is None:
             code = self.code[key] = len(self.code)
             self.first_row.append(row)
-        self._pending.append(code)
-        if len(self._pending) >= _CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.codes.append(np.array(self._pending, np.int64))
-        self._pending = []
+        return code
 
     def finish(self) -> tuple[np.ndarray, list[str]]:
-        self._flush()
-        codes = np.concatenate(self.codes)
+        """(the class id of every code, the class names)."""
         values = [v for _, v in self.code]
         numbers = [_number(v) if self.csv and isinstance(v, str) else v for v in values]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
@@ -512,11 +594,11 @@ class _Labels:
             if ids.min() < 0:
                 row = min(r for i, r in zip(ids, self.first_row, strict=True) if i == ids.min())
                 raise ManifestError(f"{self.path}: row {row}, column 'label': negative class id {ids.min()}")
-            return ids[codes], [str(c) for c in range(int(ids.max()) + 1)]
+            return ids, [str(c) for c in range(int(ids.max()) + 1)]
         names = [str(v) for v in values]
         classes = sorted(set(names))
         index = {c: i for i, c in enumerate(classes)}
-        return np.array([index[n] for n in names], np.int64)[codes], classes
+        return np.array([index[n] for n in names], np.int64), classes
 
 
 def _number(text: str):
@@ -549,22 +631,30 @@ def _media_value(path: Path, row: int, c: str, value, base: str, check_files: bo
     return resolved
 
 
-def _has_duplicates(keys) -> bool:
-    """Whether a key repeats: sorted, compared with its neighbour (a hash set of millions of
-    keys costs ~10x the keys' own memory in Arrow's unique())."""
+def _check_duplicates(path: Path, keys) -> None:
+    """Raise ``ManifestError`` for the first row (in manifest order) whose key an earlier row
+    has, from the (key, row) pairs of ``keys`` (an ``ExternalSort``) in sorted order: a hash
+    set of millions of keys would cost ~10x the keys' own memory (Arrow's unique())."""
     import pyarrow.compute as pc
 
-    if len(keys) < 2:
-        return False
-    ordered = keys.take(pc.sort_indices(keys))
-    return pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py()
-
-
-def _raise_duplicate(path: Path, keys) -> None:
-    seen: dict[str, int] = {}
-    for row, key in enumerate(keys.to_pylist(), start=1):
-        if key in seen:
-            raise ManifestError(
-                f"{path}: row {row}, column 'key': duplicate key {key!r} (first at row {seen[key]})"
-            )
-        seen[key] = row
+    found = None  # (row, first row, key) of the earliest repeat so far
+    last = None  # (key, first row) of the previous table's last key
+    for table in keys.merged():
+        col = table.column("key")
+        repeats = pc.equal(col[1:], col[:-1]) if len(col) > 1 else None
+        joined = last is not None and len(col) and col[0].as_py() == last[0]
+        if not joined and (repeats is None or not pc.any(repeats).as_py()):
+            last = (col[-1].as_py(), table.column("row")[-1].as_py()) if len(col) else last
+            continue
+        first = last[1] if joined else None
+        prev = last[0] if joined else None
+        for key, row in zip(col.to_pylist(), table.column("row").to_pylist(), strict=True):
+            if key == prev:
+                if found is None or row < found[0]:
+                    found = (row, first, key)
+            else:
+                prev, first = key, row
+        last = (prev, first)
+    if found is not None:
+        row, first, key = found
+        raise ManifestError(f"{path}: row {row}, column 'key': duplicate key {key!r} (first at row {first})")

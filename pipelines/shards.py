@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from features.errors import StoreError
-from pipelines.manifest import SPLITS, Sample, SampleTable, sha256_file  # noqa: F401  (re-exported)
+from pipelines.manifest import SPLITS, ManifestRows, Sample, SampleTable, sha256_file  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ShardPlan:
 
     name: str
     split: str
-    samples: Sequence[Sample]  # a SampleView in the driver; a compact SampleTable once pickled
+    samples: Sequence[Sample]  # SplitRows (on disk) in the driver; a compact SampleTable once pickled
 
 
 class Layout(NamedTuple):
@@ -54,42 +54,51 @@ def plan_shards(
 ) -> list[ShardPlan]:
     """Assign samples to shards split by split, in manifest order.
 
-    ``previous`` (an existing store's layout) keeps every known key in its shard and order,
-    and puts new keys in new shards numbered after the last one of their split: appending
-    manifest rows then leaves every existing shard as it was. A plan's samples are a
-    ``SampleView`` of ``samples`` (row indices), not copies.
+    ``samples``: a manifest's ``ManifestRows`` (or any sequence of ``Sample``, spilled first).
+    A plan's samples are ``SplitRows`` of it: a range of its split's rows, read when used, so
+    planning holds nothing per sample. ``previous`` (an existing store's layout) keeps every
+    known key in its shard and order, and puts new keys in new shards numbered after the last
+    one of their split: appending manifest rows then leaves every existing shard as it was
+    (this join holds one split's keys in memory).
     """
     import pyarrow.compute as pc
 
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    table = samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+    rows = samples if isinstance(samples, ManifestRows) else ManifestRows.from_samples(samples)
     names: list[str] = []  # the previous layout's shard names; rows refer to them by code
-    code = np.full(len(table), -1, np.int64)
-    index = np.zeros(len(table), np.int64)
     if previous is not None and len(previous.keys):
-        pos = pc.index_in(table.keys, value_set=previous.keys).fill_null(-1).to_numpy()
-        known = pos >= 0
         encoded = previous.shards.dictionary_encode()
         names = encoded.dictionary.to_pylist()
-        code[known] = encoded.indices.to_numpy(zero_copy_only=False)[pos[known]]
-        index[known] = previous.index[pos[known]]
+        shard_codes = encoded.indices.to_numpy(zero_copy_only=False)
     plans = []
-    for split_code, split in enumerate(SPLITS):
-        rows = np.flatnonzero(table.splits == split_code)
+    for split in SPLITS:
+        part = rows.split(split)
         prefix = f"{split}-"
+        numbers = [int(n.rsplit("-", 1)[1]) for n in names if n.startswith(prefix)]
+        start = max(numbers) + 1 if numbers else 0
+        if not numbers:  # a range of the split's rows per shard
+            for i in range(0, len(part), samples_per_shard):
+                name = f"{split}-{start + i // samples_per_shard:06d}"
+                plans.append(ShardPlan(name, split, part[i : i + samples_per_shard]))
+            continue
+        keys = part.arrow(["key"]).column("key")
+        pos = pc.index_in(keys, value_set=previous.keys).fill_null(-1).to_numpy()
+        code = np.full(len(part), -1, np.int64)
+        index = np.zeros(len(part), np.int64)
+        known = pos >= 0
+        code[known] = shard_codes[pos[known]]
+        index[known] = previous.index[pos[known]]
         ours = np.array([n.startswith(prefix) for n in names] + [False], dtype=bool)  # [-1]: unknown key
-        mine = ours[code[rows]]
-        kept, new = rows[mine], rows[~mine]
+        mine = ours[code]
+        kept, new = np.flatnonzero(mine), np.flatnonzero(~mine)
         for c in sorted(set(code[kept].tolist()), key=names.__getitem__):
             in_shard = kept[code[kept] == c]
             in_shard = in_shard[np.argsort(index[in_shard], kind="stable")]
-            plans.append(ShardPlan(names[c], split, table.view(in_shard)))
-        numbers = [int(n.rsplit("-", 1)[1]) for n in names if n.startswith(prefix)]
-        start = max(numbers) + 1 if numbers else 0
+            plans.append(ShardPlan(names[c], split, part.at(in_shard)))
         for i in range(0, len(new), samples_per_shard):
             name = f"{split}-{start + i // samples_per_shard:06d}"
-            plans.append(ShardPlan(name, split, table.view(new[i : i + samples_per_shard])))
+            plans.append(ShardPlan(name, split, part.at(new[i : i + samples_per_shard])))
     return plans
 
 

@@ -117,9 +117,11 @@ class Spill:
 class ExternalSort:
     """Rows of ``schema`` sorted by the columns ``by`` in bounded memory.
 
-    Every ``run_rows`` appended rows are sorted and spilled to an anonymous temporary Parquet
-    file; ``merged`` merges the runs ``batch_rows`` rows a run at a time. Memory holds one run
-    plus a batch of each run, whatever the number of rows: 1M rows are 16 runs of 65,536.
+    Every ``run_rows`` appended rows are sorted and written as row groups of ``batch_rows`` to
+    one anonymous temporary Parquet file (one file, whatever the number of runs: no limit on
+    open files); ``merged`` merges the runs a row group of each at a time. Memory holds one run,
+    or a batch of every run while merging: 1M rows are 61 runs of 16,384, merged from 61
+    batches of 1,024 rows.
     """
 
     def __init__(self, schema, by: list[str], run_rows: int, batch_rows: int, prefix: str) -> None:
@@ -128,7 +130,9 @@ class ExternalSort:
         self._sort_keys = [(c, "ascending") for c in self.by]
         self.pending: list = []
         self.count = 0
-        self.runs: list = []  # open anonymous files
+        self.runs: list[int] = []  # rows of each run written
+        self._file = None
+        self._writer = None
 
     def add(self, table) -> None:
         self.pending.append(table)
@@ -146,9 +150,18 @@ class ExternalSort:
     def _spill(self) -> None:
         import pyarrow.parquet as pq
 
-        run = _temporary(self.prefix)
-        pq.write_table(self._sorted_pending(), run, row_group_size=self.batch_rows)
-        self.runs.append(run)
+        if self._writer is None:
+            self._file = _temporary(self.prefix)
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression="none")
+        table = self._sorted_pending()
+        self._writer.write_table(table, row_group_size=self.batch_rows)
+        self.runs.append(table.num_rows)
+        del table
+        release_arrow_memory()  # the sort's transient
+
+    def _run_batches(self, reader, groups: list[int]) -> Iterator:
+        for g in groups:
+            yield reader.read_row_group(g)
 
     def merged(self) -> Iterator:
         """The rows in sorted order, as tables of at most a few batches."""
@@ -160,8 +173,19 @@ class ExternalSort:
             return
         if self.count:
             self._spill()
-        readers = [pq.ParquetFile(run).iter_batches(batch_size=self.batch_rows) for run in self.runs]
-        heads: list = [pa.Table.from_batches([next(r)]) for r in readers]
+        self._writer.close()
+        reader = pq.ParquetFile(self._file)
+        # each run's row groups: the file's row groups in order, by the runs' row counts
+        groups: list[list[int]] = [[] for _ in self.runs]
+        run, left = 0, self.runs[0]
+        for g in range(reader.metadata.num_row_groups):
+            while left == 0:
+                run += 1
+                left = self.runs[run]
+            groups[run].append(g)
+            left -= reader.metadata.row_group(g).num_rows
+        readers = [self._run_batches(reader, gs) for gs in groups]
+        heads: list = [next(r) for r in readers]
         live = list(range(len(readers)))  # runs with rows left in their head or their file
         while live:
             # every row up to the smallest last row among the heads is final: no run can still
@@ -179,7 +203,7 @@ class ExternalSort:
                     if nxt is None:
                         live.remove(i)
                     else:
-                        heads[i] = pa.Table.from_batches([nxt])
+                        heads[i] = nxt
 
     def _last(self, table) -> tuple:
         return tuple(table.column(c)[-1].as_py() for c in self.by)
@@ -199,8 +223,11 @@ class ExternalSort:
         )
 
     def close(self) -> None:
-        for run in self.runs:
-            run.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._file is not None:
+            self._file.close()
+        self._file = self._writer = None
         self.runs = []
 
     def __enter__(self) -> ExternalSort:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,40 +152,37 @@ def write_catalog(store, plans, tasks, parts: dict, fit_errors: dict) -> None:
 
 def _as_table(samples):
     """Keys and labels of a plan's samples as a SampleTable (media not read)."""
-    from pipelines.manifest import SampleTable, SampleView
+    from pipelines.manifest import SampleTable
 
-    if isinstance(samples, SampleView):
-        return samples.table.take(samples.indices, media=False)
-    return samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+    if hasattr(samples, "table"):  # SplitRows or SampleTable
+        return samples.table(media=False)
+    return SampleTable.from_samples(samples)
 
 
 # Rows per sorted run of the key index: the most the catalog step holds of it at once.
-KEY_SORT_RUN = 65536
-KEY_MERGE_BATCH = 4096  # rows read from each run at a time while merging
+KEY_SORT_RUN = 16384
+KEY_MERGE_BATCH = 1024  # rows read from each run at a time while merging
 
 
 class _KeyIndex:
-    """catalog/keys.parquet (every sample's row, sorted by key) by an external merge sort.
-
-    Rows come in plan order; every ``KEY_SORT_RUN`` rows are sorted and spilled to an anonymous
-    temporary Parquet file (like the manifest spill: nothing is left behind, however the process
-    ends), and ``write`` merges the runs batch by batch. Memory holds one run plus a batch of
-    each run, not the store's keys: a 1M-sample store has 16 runs.
-    """
+    """catalog/keys.parquet (every sample's row, sorted by key) by an external merge sort
+    (``pipelines.spill.ExternalSort``): rows come in plan order, every ``KEY_SORT_RUN`` of them
+    are sorted and spilled to an anonymous temporary file, and ``write`` merges the runs
+    ``KEY_MERGE_BATCH`` rows a run at a time. A 1M-sample store has 16 runs."""
 
     def __init__(self, plans, schema) -> None:
         import pyarrow as pa
 
-        self.schema, self.run, self.batch = schema, KEY_SORT_RUN, KEY_MERGE_BATCH
+        from pipelines.spill import ExternalSort
+
+        self.schema = schema
         # split and shard names by plan number: a row carries 4 bytes for them while sorting
         self.splits = pa.array([p.split for p in plans], pa.string())
         self.names = pa.array([p.name for p in plans], pa.string())
-        self.sort_schema = pa.schema(
+        sort_schema = pa.schema(
             [("key", pa.string()), ("plan", pa.int32()), ("index", pa.int64()), ("label", pa.int64())]
         )
-        self.pending: list = []
-        self.count = 0
-        self.runs: list = []  # open anonymous files
+        self.sort = ExternalSort(sort_schema, ["key"], KEY_SORT_RUN, KEY_MERGE_BATCH, "modalstore-keys-")
 
     def add(self, number: int, keys, labels) -> None:
         import numpy as np
@@ -196,24 +192,7 @@ class _KeyIndex:
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
         plan, index = pa.array(np.full(n, number, np.int32)), pa.array(np.arange(n, dtype=np.int64))
-        self.pending.append(pa.table([keys, plan, index, labels], schema=self.sort_schema))
-        self.count += n
-        if self.count >= self.run:
-            self._spill()
-
-    def _sorted_pending(self):
-        import pyarrow as pa
-
-        table = pa.concat_tables(self.pending)
-        self.pending, self.count = [], 0
-        return table.sort_by("key")
-
-    def _spill(self) -> None:
-        import pyarrow.parquet as pq
-
-        run = tempfile.TemporaryFile(prefix="modalstore-keys-", suffix=".parquet")
-        pq.write_table(self._sorted_pending(), run, row_group_size=self.batch)
-        self.runs.append(run)
+        self.sort.add(pa.table([keys, plan, index, labels], schema=self.sort.schema))
 
     def _expand(self, table):
         """Sort-table rows as key-index rows (split and shard names from the plan number)."""
@@ -229,45 +208,10 @@ class _KeyIndex:
         }
         return pa.table(columns, schema=self.schema)
 
-    def merged(self):
-        """The rows in key order, as tables of at most a few batches."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        if not self.runs:
-            yield self._sorted_pending()
-            return
-        if self.count:
-            self._spill()
-        readers = [pq.ParquetFile(run).iter_batches(batch_size=self.batch) for run in self.runs]
-        heads: list = [pa.Table.from_batches([next(r)]) for r in readers]
-        live = list(range(len(readers)))  # runs with rows left in their head or their file
-        while live:
-            # every row up to the smallest last key among the heads is final: no run can
-            # still hold a smaller key
-            bound = min(heads[i].column("key")[-1].as_py() for i in live)
-            taken = []
-            for i in live:
-                n = pc.sum(pc.less_equal(heads[i].column("key"), bound)).as_py() or 0
-                taken.append(heads[i].slice(0, n))
-                heads[i] = heads[i].slice(n)
-            yield pa.concat_tables(taken).sort_by("key")
-            for i in list(live):
-                if heads[i].num_rows == 0:
-                    nxt = next(readers[i], None)
-                    if nxt is None:
-                        live.remove(i)
-                    else:
-                        heads[i] = pa.Table.from_batches([nxt])
-
     def write(self, writer) -> None:
-        try:
-            for table in self.merged():
+        with self.sort:
+            for table in self.sort.merged():
                 writer.write(self._expand(table))
-        finally:
-            for run in self.runs:
-                run.close()
 
 
 class _CatalogWriter:

@@ -155,3 +155,84 @@ def test_streamed_manifest_equals_a_row_by_row_parse(tmp_path, monkeypatch, fmt)
         assert out_of_band == []
         got = pickle.loads(blob)
         assert [(s.key, s.label, s.split, s.media) for s in got] == [want[int(k[1:])] for k in keys]
+
+
+def test_csv_row_longer_than_the_parser_block_is_read_with_larger_blocks(tmp_path, monkeypatch):
+    """The CSV parser reads 64 KB blocks (a bounded read-ahead); a longer row makes the manifest
+    be read again with larger ones, and a row over the largest is a clear error."""
+    import pipelines.manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "_CSV_BLOCKS", (64 << 10, 1 << 20))
+    long_text = "word " * 60_000  # 300 KB
+    rows = [f"k{i},{i % 3},train,short text {i}" for i in range(3000)]
+    path = write_csv(
+        tmp_path / "m.csv",
+        [*rows, f"long,1,val,{long_text}", "last,2,test,end"],
+        header="key,label,split,text",
+    )
+    m = read_manifest(path, check_files=False)
+    assert len(m) == 3002
+    assert [s.media["text"] for s in m.split("val")] == [long_text]
+    assert [(s.key, s.row) for s in m.split("test")] == [("last", 3002)]
+    huge = write_csv(
+        tmp_path / "h.csv", [*rows, "huge,1,val," + "x" * (2 << 20)], header="key,label,split,text"
+    )
+    with pytest.raises(ManifestError, match=r"h.csv: cannot parse manifest: a row is longer than 1 MB"):
+        read_manifest(huge, check_files=False)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_duplicate_key_found_across_sort_runs_names_the_first_repeat(tmp_path, monkeypatch, seed):
+    """Duplicate keys are found by an external sort: with runs of 7 rows merged 3 at a time,
+    the error names the same row as a Python scan in manifest order (the earliest repeat, and
+    its key's first row)."""
+    import random
+
+    import pipelines.manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "_KEY_RUN", 7)
+    monkeypatch.setattr(manifest_mod, "_KEY_BATCH", 3)
+    monkeypatch.setattr(manifest_mod, "_CHUNK", 5)
+    rng = random.Random(seed)
+    keys = [f"k{rng.randrange(60 if seed else 10_000):05d}" for _ in range(50)]
+    first: dict[str, int] = {}
+    want = None
+    for row, key in enumerate(keys, start=1):
+        if key in first:
+            want = (row, key, first[key])
+            break
+        first[key] = row
+    path = write_csv(
+        tmp_path / "m.csv", [f"{k},0,{rng.choice(['train', 'val'])}" for k in keys], "key,label,split"
+    )
+    if want is None:
+        assert len(read_manifest(path)) == 50
+        return
+    row, key, at = want
+    with pytest.raises(
+        ManifestError, match=rf"row {row}, column 'key': duplicate key '{key}' \(first at row {at}\)$"
+    ):
+        read_manifest(path)
+
+
+def test_external_sort_merges_runs_like_a_sort():
+    """``ExternalSort`` on two columns, with ties in the first, runs of 11 rows and batches of 4,
+    gives the rows of a plain sort."""
+    import random
+
+    from pipelines.spill import ExternalSort
+
+    rng = random.Random(1)
+    rows = [(rng.choice("abcdefg") * rng.randrange(1, 3), rng.randrange(20)) for _ in range(300)]
+    schema = pa.schema([("key", pa.string()), ("n", pa.int64())])
+    with ExternalSort(schema, ["key", "n"], 11, 4, "test-") as sort:
+        for i in range(0, len(rows), 13):
+            part = rows[i : i + 13]
+            sort.add(pa.table({"key": [r[0] for r in part], "n": [r[1] for r in part]}, schema=schema))
+        got = [
+            (k, n)
+            for t in sort.merged()
+            for k, n in zip(*(t.column(c).to_pylist() for c in ("key", "n")), strict=True)
+        ]
+    assert len(sort.runs) == 0  # closed
+    assert got == sorted(rows)
