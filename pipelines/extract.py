@@ -28,7 +28,7 @@ from pipelines.config import load_config, to_dict
 from pipelines.manifest import Manifest, SampleTable, read_manifest
 from pipelines.media import decode
 from pipelines.shards import Layout, ShardPlan, ShardWriter, plan_shards
-from pipelines.spill import release_arrow_memory
+from pipelines.spill import release_arrow_memory, system_memory_pool
 from pipelines.stats import field_moments, finalize, merge_moments, stats_bytes
 from pipelines.storage import Location, read_url
 from pipelines.store import STORE_FILE, write_catalog, write_store_manifest
@@ -644,6 +644,11 @@ def run_extract(
     earlier or interrupted run) is kept, and one whose rows and group config are unchanged
     since another version is linked from it. ``overwrite`` empties the store first.
     """
+    with system_memory_pool():  # the driver's memory stays flat in the number of samples
+        return _run_extract(config, client, overwrite, progress)
+
+
+def _run_extract(config: ExtractConfig, client, overwrite: bool, progress: bool) -> ExtractSummary:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()

@@ -142,7 +142,7 @@ def _load_table(blob: bytes) -> SampleTable:
     return SampleTable(*pickle.loads(blob))
 
 
-_SPILL_ROWS = 1024  # rows per row group of a split's spill: a shard reads ~its own rows
+_SPILL_ROWS = 1024  # rows per batch of a split's spill: a shard reads about its own rows
 
 
 def _spill_schema(media: list[str]):

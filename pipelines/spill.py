@@ -1,18 +1,22 @@
 """Rows kept on local disk instead of in the driver's memory: spills and external sorts.
 
 The ``extract`` driver plans and catalogs millions of samples; what it must hold for each
-of them goes to anonymous temporary Parquet files (unlinked at once, so nothing is left
-behind however the process ends) and is read back a shard or a batch at a time:
+of them goes to anonymous temporary Arrow IPC files in ``$TMPDIR`` (unlinked at once, so
+nothing is left behind however the process ends) and is read back a shard or a batch at a time:
 
 - ``Spill``: rows appended in order, read back by range or by position (the manifest's rows);
-- ``ExternalSort``: rows sorted by a column in bounded memory (runs sorted in memory, spilled,
+- ``ExternalSort``: rows sorted by columns in bounded memory (runs sorted in memory, spilled,
   then merged batch by batch): duplicate keys and the catalog's key index.
+
+What the driver still holds per sample is the footers of these files (24 bytes per batch of
+~1,000 rows) and its CPU time; BENCHMARKS.md, "Driver memory", has the measurements.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -26,23 +30,100 @@ def release_arrow_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
+@contextmanager
+def system_memory_pool():
+    """Arrow's allocations inside the block on the C library's allocator (then the default pool
+    again). Arrow's default, mimalloc, kept the pages of buffers that Parquet's reader threads
+    allocated and the caller freed, beyond ``release_unused``: reading a 300k-row spill back raised
+    the RSS by 12 MB with nothing allocated; on the system allocator, by 1 MB (BENCHMARKS.md,
+    "Driver memory"). The ``extract`` driver runs inside it."""
+    import pyarrow as pa
+
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        release_arrow_memory()
+        pa.set_memory_pool(before)
+
+
 def _temporary(prefix: str):
     # anonymous (unlinked at once): nothing is left behind, even by a killed process
-    return tempfile.TemporaryFile(prefix=prefix, suffix=".parquet")
+    return tempfile.TemporaryFile(prefix=prefix, suffix=".arrow")
+
+
+class _BatchFile:
+    """Record batches appended to an anonymous temporary Arrow IPC file, read back by number.
+
+    IPC, not Parquet: a spill is read back once, soon, so it needs no encoding, and the file's
+    footer keeps 24 bytes per batch where a Parquet writer kept ~5 KB of metadata per row group
+    in memory (5 MB at 1M rows in groups of 1,024, growing with the rows)."""
+
+    def __init__(self, schema, prefix: str) -> None:
+        import pyarrow as pa
+
+        self.schema = schema
+        self.file = _temporary(prefix)
+        self._writer = pa.ipc.new_file(self.file, schema)
+        self._reader = None
+        self.batches = 0
+
+    def write(self, table) -> int:
+        """Append ``table`` (one or more rows) as one batch; returns its number."""
+        if table.num_rows == 0:
+            raise ValueError("an empty batch")
+        for batch in table.combine_chunks().to_batches():
+            self._writer.write_batch(batch)
+        self.batches += 1
+        return self.batches - 1
+
+    def finish(self) -> None:
+        import pyarrow as pa
+
+        if self._reader is None:
+            self._writer.close()
+            self._reader = pa.ipc.open_file(self.file)
+
+    def read(self, numbers, columns: list[str] | None = None):
+        """Batches ``numbers`` (in that order) as one table."""
+        import pyarrow as pa
+
+        table = pa.Table.from_batches([self._reader.get_batch(int(i)) for i in numbers], schema=self.schema)
+        return table.select(columns) if columns else table
+
+    def close(self) -> None:
+        if self._reader is None:
+            self._writer.close()
+        self.file.close()
+
+
+def _write_batches(file: _BatchFile, tables: list, rows: int, last: bool) -> tuple[list[int], list]:
+    """Write ``tables`` as batches of ``rows`` rows (and, when ``last``, a shorter final one):
+    returns (the batch numbers written, the rows left as a list of tables)."""
+    import pyarrow as pa
+
+    if not tables:
+        return [], []
+    table = pa.concat_tables(tables)
+    written = []
+    whole = table.num_rows if last else table.num_rows // rows * rows
+    for start in range(0, whole, rows):
+        written.append(file.write(table.slice(start, min(rows, whole - start))))
+    return written, ([table.slice(whole)] if whole < table.num_rows else [])
 
 
 class Spill:
-    """Rows of ``schema`` appended in order to an anonymous temporary Parquet file, in row
-    groups of exactly ``group_rows`` rows, so that the rows of any range or positions are read
-    back from the row groups that hold them and nothing else."""
+    """Rows of ``schema`` appended in order to an anonymous temporary file in batches of
+    exactly ``group_rows`` rows, so that the rows of any range or positions are read back from
+    the batches that hold them and nothing else."""
 
     def __init__(self, schema, group_rows: int, prefix: str = "modalstore-spill-") -> None:
         self.schema, self.group_rows, self.prefix = schema, group_rows, prefix
-        self._file = _temporary(prefix)
-        self._writer = None
+        self._file = _BatchFile(schema, prefix)
         self._pending: list = []
         self._pending_rows = 0
-        self._reader = None
+        self._closed = False
         self.rows = 0
 
     def __len__(self) -> int:
@@ -50,7 +131,7 @@ class Spill:
 
     def append(self, table) -> None:
         """Append an Arrow table of ``schema``'s columns (before ``close``)."""
-        if self._reader is not None:
+        if self._closed:
             raise RuntimeError(f"{self.prefix} spill: append after close")
         self._pending.append(table.select(self.schema.names).cast(self.schema))
         self._pending_rows += table.num_rows
@@ -60,32 +141,26 @@ class Spill:
 
     def _flush(self, n: int) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._file, self.schema, compression="none")
-        table = pa.concat_tables(self._pending) if self._pending else self.schema.empty_table()
-        self._writer.write_table(table.slice(0, n), row_group_size=max(n, 1))
+        table = pa.concat_tables(self._pending)
+        self._file.write(table.slice(0, n))
         rest = table.slice(n)
         self._pending, self._pending_rows = [rest], rest.num_rows
 
     def close(self) -> None:
         """Finish writing; the rows can be read from now on."""
-        import pyarrow.parquet as pq
-
-        if self._reader is not None:
+        if self._closed:
             return
-        if self._pending_rows or self._writer is None:
+        if self._pending_rows:
             self._flush(self._pending_rows)
-        self._writer.close()
-        self._writer = None
         self._pending = []
-        self._reader = pq.ParquetFile(self._file)
+        self._file.finish()
+        self._closed = True
 
     def _groups(self, groups, columns):
-        if self._reader is None:
+        if not self._closed:
             raise RuntimeError(f"{self.prefix} spill: read before close")
-        return self._reader.read_row_groups(list(groups), columns=columns)
+        return self._file.read(groups, columns)
 
     def read(self, start: int, stop: int, columns: list[str] | None = None):
         """Rows ``start:stop`` as an Arrow table."""
@@ -108,34 +183,32 @@ class Spill:
         starts = np.searchsorted(groups, positions // self.group_rows) * self.group_rows
         return table.take(pa.array(starts + positions % self.group_rows))
 
-    def batches(self, columns: list[str] | None = None, rows: int = 8192) -> Iterator:
-        """Every row in order, as Arrow tables of at most ``rows`` rows."""
-        for start in range(0, self.rows, rows):
-            yield self.read(start, start + rows, columns)
-
 
 class ExternalSort:
     """Rows of ``schema`` sorted by the columns ``by`` in bounded memory.
 
-    Every ``run_rows`` appended rows are sorted and written as row groups of ``batch_rows`` to
-    one anonymous temporary Parquet file (one file, whatever the number of runs: no limit on
-    open files); ``merged`` merges the runs a row group of each at a time. Memory holds one run,
-    or a batch of every run while merging: 1M rows are 61 runs of 16,384, merged from 61
-    batches of 1,024 rows.
+    Every ``run_rows`` appended rows are sorted and written as batches of ``batch_rows`` to one
+    anonymous temporary file (one file, whatever the number of runs: no limit on open files);
+    ``merged`` merges the runs a batch of each at a time, ``fan_in`` runs at most at once
+    (runs past that are first merged ``fan_in`` at a time into a new file). Memory holds one
+    run, or ``fan_in`` batches while merging: 1M rows are 62 runs of 16,384, merged 16 at a
+    time into 4, then into one.
     """
 
-    def __init__(self, schema, by: list[str], run_rows: int, batch_rows: int, prefix: str) -> None:
+    def __init__(
+        self, schema, by: list[str], run_rows: int, batch_rows: int, prefix: str, fan_in: int = 16
+    ) -> None:
         self.schema, self.by, self.run_rows, self.batch_rows = schema, list(by), run_rows, batch_rows
+        self.fan_in = max(2, fan_in)
         self.prefix = prefix
         self._sort_keys = [(c, "ascending") for c in self.by]
         self.pending: list = []
         self.count = 0
-        self.runs: list[int] = []  # rows of each run written
-        self._file = None
-        self._writer = None
+        self.runs: list[list[int]] = []  # each run's batch numbers in its file
+        self._file: _BatchFile | None = None
 
     def add(self, table) -> None:
-        self.pending.append(table)
+        self.pending.append(table.select(self.schema.names).cast(self.schema))
         self.count += table.num_rows
         if self.count >= self.run_rows:
             self._spill()
@@ -148,43 +221,42 @@ class ExternalSort:
         return table.sort_by(self._sort_keys)
 
     def _spill(self) -> None:
-        import pyarrow.parquet as pq
-
-        if self._writer is None:
-            self._file = _temporary(self.prefix)
-            self._writer = pq.ParquetWriter(self._file, self.schema, compression="none")
+        if self._file is None:
+            self._file = _BatchFile(self.schema, self.prefix)
         table = self._sorted_pending()
-        self._writer.write_table(table, row_group_size=self.batch_rows)
-        self.runs.append(table.num_rows)
+        self.runs.append(_write_batches(self._file, [table], self.batch_rows, last=True)[0])
         del table
         release_arrow_memory()  # the sort's transient
 
-    def _run_batches(self, reader, groups: list[int]) -> Iterator:
-        for g in groups:
-            yield reader.read_row_group(g)
-
     def merged(self) -> Iterator:
-        """The rows in sorted order, as tables of at most a few batches."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        """The rows in sorted order, as tables of at most ``fan_in`` batches."""
         if not self.runs:
             yield self._sorted_pending()
             return
         if self.count:
             self._spill()
-        self._writer.close()
-        reader = pq.ParquetFile(self._file)
-        # each run's row groups: the file's row groups in order, by the runs' row counts
-        groups: list[list[int]] = [[] for _ in self.runs]
-        run, left = 0, self.runs[0]
-        for g in range(reader.metadata.num_row_groups):
-            while left == 0:
-                run += 1
-                left = self.runs[run]
-            groups[run].append(g)
-            left -= reader.metadata.row_group(g).num_rows
-        readers = [self._run_batches(reader, gs) for gs in groups]
+        self._file.finish()
+        while len(self.runs) > self.fan_in:
+            out, runs = _BatchFile(self.schema, self.prefix), []
+            for i in range(0, len(self.runs), self.fan_in):
+                numbers, pending = [], []
+                for table in self._merge(self.runs[i : i + self.fan_in]):
+                    pending.append(table)
+                    if sum(t.num_rows for t in pending) >= self.batch_rows:
+                        done, pending = _write_batches(out, pending, self.batch_rows, last=False)
+                        numbers += done
+                numbers += _write_batches(out, pending, self.batch_rows, last=True)[0]
+                runs.append(numbers)
+            out.finish()
+            self._file.close()
+            self._file, self.runs = out, runs
+        yield from self._merge(self.runs)
+
+    def _merge(self, runs: list[list[int]]) -> Iterator:
+        """Merge the sorted runs made of the batches ``runs`` of the file."""
+        import pyarrow as pa
+
+        readers = [(self._file.read([n]) for n in numbers) for numbers in runs]
         heads: list = [next(r) for r in readers]
         live = list(range(len(readers)))  # runs with rows left in their head or their file
         while live:
@@ -223,11 +295,9 @@ class ExternalSort:
         )
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
         if self._file is not None:
             self._file.close()
-        self._file = self._writer = None
+        self._file = None
         self.runs = []
 
     def __enter__(self) -> ExternalSort:

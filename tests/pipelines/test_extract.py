@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from store_fixtures import TINY_GROUPS, write_extract_config
 
-from features.errors import ConfigError, StoreError
+from features.errors import ConfigError, ModalstoreError, StoreError
 from pipelines.extract import load_extract_config, run_extract
 from pipelines.manifest import read_manifest
 from pipelines.shards import sha256_file
@@ -129,6 +129,33 @@ def test_rerun_is_a_no_op_and_overwrite_refuses_a_foreign_folder(tiny_store, dem
     with pytest.raises(StoreError, match="is not a modalstore store"):
         run_extract(load_extract_config(cfg2), overwrite=True, progress=False)
     assert (tmp_path / "other" / "precious.txt").exists()
+
+
+def test_extract_driver_allocates_arrow_memory_on_the_system_pool(tmp_path, monkeypatch):
+    """mimalloc (Arrow's default pool) kept the pages of spill reads; the driver runs on the
+    system allocator and gives the default back afterwards, also when the run fails."""
+    import pyarrow as pa
+
+    import pipelines.extract as ex
+
+    seen = []
+    prepare = ex.prepare
+
+    def spy(*a, **k):
+        seen.append(pa.default_memory_pool().backend_name)
+        return prepare(*a, **k)
+
+    monkeypatch.setattr(ex, "prepare", spy)
+    before = pa.default_memory_pool().backend_name
+    (tmp_path / "m.csv").write_text("key,label,split,text\nk1,0,train,hello there\nk2,1,val,bye now\n")
+    groups = {"text": {"extractor": "bow", "params": {"max_features": 8}}}
+    cfg = write_extract_config(tmp_path / "c.yaml", tmp_path / "m.csv", tmp_path / "s", groups)
+    assert run_extract(load_extract_config(cfg), progress=False).samples == 2
+    bad = write_extract_config(tmp_path / "b.yaml", tmp_path / "none.csv", tmp_path / "s2", groups)
+    with pytest.raises(ModalstoreError, match="manifest not found"):
+        run_extract(load_extract_config(bad), progress=False)
+    assert seen == ["system", "system"]
+    assert pa.default_memory_pool().backend_name == before != "system"
 
 
 def test_group_needing_absent_modality_is_rejected(tmp_path):
