@@ -1,8 +1,11 @@
 """Peak memory of the `extract` driver at 10k and 100k samples (issue 7, "Memory").
 
 The issue's target: the driver holds no sample data, so its peak memory does not grow with
-the number of samples. A cheap job isolates the driver: a manifest of N rows with inline
-`text`, the `bow` extractor (64 features), 1,000 samples per shard. Each extract runs in a
+the number of samples. A cheap job isolates the driver: a manifest of N rows of the demo data
+(its 1,600 rows cycled with unique keys: absolute paths to its image, audio and video files,
+which the driver checks exist, and its inline `text`; `--rows synthetic`: text only), the
+`bow` extractor on the text (64 features), 1,000 samples per shard. The driver's work does
+not depend on the extractor; a media extractor would only make the run slower. Each extract runs in a
 fresh child process (the driver); its own peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss`.
 
 Modes: `cluster` (the driver is a client of a `dask scheduler` + 2 `dask worker` processes on
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo" / "manifest.csv"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -142,10 +146,26 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def write_manifest(path: Path, n: int, seed: int = 0) -> None:
+def write_manifest(path: Path, n: int, rows: str = "demo", seed: int = 0) -> None:
+    """``n`` manifest rows: the demo data's rows cycled with unique keys (``demo``: media paths
+    to the demo's image, audio and video files, which the driver checks exist, and its text),
+    or synthetic text only (``synthetic``)."""
     rng = random.Random(seed)
+    demo = []
+    if rows == "demo":
+        if not DEMO.exists():
+            sys.exit(f"{DEMO} not found: run `make data` first (or pass --rows synthetic)")
+        with DEMO.open(newline="") as f:
+            demo = list(csv.DictReader(f))
     with path.open("w", newline="") as f:
         w = csv.writer(f)
+        if demo:
+            w.writerow(["key", "label", "split", "image", "audio", "video", "text"])
+            for i in range(n):
+                r = demo[i % len(demo)]
+                media = [str(DEMO.parent / r[m]) if r[m] else "" for m in ("image", "audio", "video")]
+                w.writerow([f"{r['key']}-r{i:07d}", r["label"], r["split"], *media, r["text"]])
+            return
         w.writerow(["key", "label", "split", "text"])
         for i in range(n):
             split = "train" if i % 10 < 8 else ("val" if i % 10 == 8 else "test")
@@ -153,12 +173,12 @@ def write_manifest(path: Path, n: int, seed: int = 0) -> None:
             w.writerow([f"s{i:07d}", i % 16, split, text])
 
 
-def write_config(work: Path, n: int) -> Path:
+def write_config(work: Path, n: int, rows: str = "demo") -> Path:
     import yaml
 
     manifest = work / f"manifest-{n}.csv"
     if not manifest.exists():
-        write_manifest(manifest, n)
+        write_manifest(manifest, n, rows)
     body = {
         "manifest": str(manifest),
         "store": str(work / f"store-{n}"),
@@ -189,6 +209,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--modes", nargs="+", default=["cluster", "serial"], choices=["cluster", "serial"])
     ap.add_argument("--no-trace", action="store_true", help="skip the tracemalloc breakdown")
+    ap.add_argument(
+        "--rows",
+        choices=["demo", "synthetic"],
+        default="demo",
+        help="manifest rows: the demo data's rows cycled (default; needs `make data`) or synthetic text",
+    )
     ap.add_argument("--out", default=str(ROOT / ".bench" / "driver_memory.json"))
     args = ap.parse_args()
 
@@ -196,7 +222,7 @@ def main() -> None:
 
     (ROOT / ".bench").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="driver-memory-", dir=ROOT / ".bench"))
-    configs = {n: write_config(work, n) for n in args.sizes}
+    configs = {n: write_config(work, n, args.rows) for n in args.sizes}
     results: list[dict] = []
     for mode in args.modes:
         cluster = external_cluster(2, work, trim=False) if mode == "cluster" else None
