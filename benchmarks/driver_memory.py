@@ -9,7 +9,10 @@ not depend on the extractor; a media extractor would only make the run slower. E
 fresh child process (the driver); its own peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss`.
 
 Modes: `cluster` (the driver is a client of a `dask scheduler` + 2 `dask worker` processes on
-loopback, so all extraction happens elsewhere) and `serial` (the driver does the work).
+loopback, so all extraction happens elsewhere) and `serial` (the driver does the work). In
+`cluster` mode the workers' peak RSS so far is read after each size: the same workers run the
+sizes in turn, so a flat column means no task's memory grows with the number of samples
+(`--group lbp`: shard tasks only; `bow` adds its fit, which holds the train split's texts).
 
 With tracing on (default), a second child per size runs under `tracemalloc` and reports the
 Python memory held at each stage of `pipelines.extract.run_extract` (manifest and shard
@@ -173,7 +176,15 @@ def write_manifest(path: Path, n: int, rows: str = "demo", seed: int = 0) -> Non
             w.writerow([f"s{i:07d}", i % 16, split, text])
 
 
-def write_config(work: Path, n: int, rows: str = "demo") -> Path:
+GROUPS = {
+    "bow": {"text": {"extractor": "bow", "params": {"max_features": 64}}},  # fitted on the train split
+    "lbp": {"image": {"extractor": "lbp", "params": {}}},  # no fit: shard tasks only
+}
+
+
+def write_config(
+    work: Path, n: int, rows: str = "demo", group: str = "bow", fit_samples: int | None = None
+) -> Path:
     import yaml
 
     manifest = work / f"manifest-{n}.csv"
@@ -183,11 +194,22 @@ def write_config(work: Path, n: int, rows: str = "demo") -> Path:
         "manifest": str(manifest),
         "store": str(work / f"store-{n}"),
         "samples_per_shard": 1000,
-        "groups": {"text": {"extractor": "bow", "params": {"max_features": 64}}},
+        "groups": {
+            name: {**g, **({"fit_samples": fit_samples} if fit_samples and group == "bow" else {})}
+            for name, g in GROUPS[group].items()
+        },
     }
-    path = work / f"extract-{n}.yaml"
+    path = work / f"extract-{n}-{group}.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
+
+
+def _hwm_mb() -> float:
+    """This process's peak RSS so far (VmHWM), MB (run on the Dask workers)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run_child(config: Path, where: str, mode: str) -> dict:
@@ -215,6 +237,19 @@ def main() -> None:
         default="demo",
         help="manifest rows: the demo data's rows cycled (default; needs `make data`) or synthetic text",
     )
+    ap.add_argument(
+        "--group",
+        choices=sorted(GROUPS),
+        default="bow",
+        help="bow on the text (default; fitted on the train split in one task) or lbp on the images "
+        "(no fit: every task is a shard task; needs --rows demo)",
+    )
+    ap.add_argument(
+        "--fit-samples",
+        type=int,
+        default=None,
+        help="with --group bow: fit on at most this many train rows (the group's fit_samples)",
+    )
     ap.add_argument("--out", default=str(ROOT / ".bench" / "driver_memory.json"))
     args = ap.parse_args()
 
@@ -222,7 +257,9 @@ def main() -> None:
 
     (ROOT / ".bench").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="driver-memory-", dir=ROOT / ".bench"))
-    configs = {n: write_config(work, n, args.rows) for n in args.sizes}
+    if args.group == "lbp" and args.rows != "demo":
+        ap.error("--group lbp needs --rows demo (image files)")
+    configs = {n: write_config(work, n, args.rows, args.group, args.fit_samples) for n in args.sizes}
     results: list[dict] = []
     for mode in args.modes:
         cluster = external_cluster(2, work, trim=False) if mode == "cluster" else None
@@ -231,6 +268,8 @@ def main() -> None:
             where = client.scheduler.address if client else "serial"
             for n in args.sizes:
                 row = {"mode": mode, "samples": n, **run_child(configs[n], where, "plain")}
+                if client is not None:  # the workers' peak RSS so far: every size's tasks so far
+                    row["worker_hwm_mb"] = max(client.run(_hwm_mb).values())
                 if not args.no_trace:
                     row["trace"] = run_child(configs[n], where, "trace")
                 results.append(row)
@@ -245,14 +284,15 @@ def main() -> None:
     )
     lines = [
         "| driver | samples | shards | extract (s) | driver CPU (s) | RSS after imports (MB) | peak RSS (MB) | peak − imports (MB) "
-        "| pyarrow pool peak (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pyarrow pool peak (MB) | workers' peak RSS so far (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['mode']} | {r['samples']:,} | {r['shards']} | {r['seconds']:.1f} | {r['driver_cpu_s']:.1f} | "
             f"{r['rss_after_imports_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f} | {r['arrow_pool_peak_mb']:.0f} |"
+            f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f} | {r['arrow_pool_peak_mb']:.0f} | "
+            f"{r.get('worker_hwm_mb', float('nan')):.0f} |"
         )
     for mode in args.modes:
         rows = [r for r in results if r["mode"] == mode]

@@ -61,6 +61,9 @@ class GroupConfig:
     extractor: str
     params: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)  # Dask worker resources, e.g. {GPU: 1}
+    # fit-then-transform only: fit on at most this many train rows, evenly spaced (None: all).
+    # The fit task holds the media it fits on; this bounds its memory on a large train split.
+    fit_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,15 @@ class ExtractConfig:
         for name, group in self.groups.items():
             if not _GROUP_NAME.match(name):
                 raise ConfigError(f"groups.{name}: group names are lower-case identifiers ([a-z][a-z0-9_]*)")
-            get_extractor(group.extractor)  # unknown extractor -> ConfigError listing the valid ones
+            cls = get_extractor(group.extractor)  # unknown extractor -> ConfigError listing the valid ones
+            if group.fit_samples is not None:
+                if not cls.fit_required:
+                    raise ConfigError(
+                        f"groups.{name}.fit_samples: extractor {group.extractor!r} is not fitted; "
+                        "remove fit_samples (it applies to fit-then-transform extractors only)"
+                    )
+                if group.fit_samples < 1:
+                    raise ConfigError(f"groups.{name}.fit_samples: must be >= 1, got {group.fit_samples}")
         if self.samples_per_shard < 1:
             raise ConfigError(f"samples_per_shard: must be >= 1, got {self.samples_per_shard}")
         if self.missing_media not in MISSING_MEDIA_POLICIES:
@@ -117,6 +128,7 @@ class GroupTask:
     remote_timeout: float = 60.0  # per media URL read, from ExtractConfig
     version: str = ""  # content hash naming the group's output (pipelines/versions.py)
     config_hash: str = ""  # the version without the manifest: shards with the same rows are reused
+    fit_samples: int | None = None  # fit on at most this many train rows (GroupConfig.fit_samples)
 
 
 # One extractor instance per process and configuration: models load once per worker.
@@ -484,6 +496,7 @@ def prepare(
             params=ex.params(),
             modality=ex.modality,
             remote_timeout=config.remote_timeout,
+            fit_samples=gc.fit_samples,
         )
         tasks.append(task)
         metas[name] = group_meta(task, ex)
@@ -526,13 +539,13 @@ def fit_groups(
     artifact instead of fitting again. Returns the tasks (with artifact paths) and, per
     group, the error rows of media left out of its fit.
     """
-    train = manifest.split("train")
     out, errors = [], {}
     for task in tasks:
         cls = get_extractor(task.extractor)
         if not cls.fit_required:
             out.append(task)
             continue
+        train = fit_rows(manifest, task)
         key = fit_key(task.extractor, cls.version, task.params, train)
         fitted = find_fitted(store, task.name, key)
         if fitted is not None:
@@ -570,6 +583,16 @@ def fit_groups(
 
 
 _FIT_CHUNK = 8192  # train rows per message to the fit task
+
+
+def fit_rows(manifest: Manifest, task: GroupTask):
+    """The train rows a fit-then-transform group is fitted on: all of them, or ``fit_samples``
+    evenly spaced ones (the same every run, so the artifact is reused)."""
+    train = manifest.split("train")
+    n, k = len(train), task.fit_samples
+    if k is None or n <= k:
+        return train
+    return train.at(np.arange(k, dtype=np.int64) * n // k)
 
 
 def _in_flight(client) -> int:

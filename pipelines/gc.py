@@ -47,7 +47,7 @@ def config_versions(config_path: str | Path, store: Location) -> dict[str, str]:
     A fit-then-transform group that was never fitted on this train split has no version yet.
     """
     from features.registry import get_extractor
-    from pipelines.extract import load_extract_config, prepare, version_tasks
+    from pipelines.extract import fit_rows, load_extract_config, prepare, version_tasks
     from pipelines.versions import find_fitted, fit_key
 
     config = load_extract_config(config_path)
@@ -60,11 +60,11 @@ def config_versions(config_path: str | Path, store: Location) -> dict[str, str]:
     if not same:
         raise StoreError(f"{config_path}: config is for store {config.store!r}, not {str(store)!r}")
     manifest, _, tasks, _ = prepare(config, incremental=False)
-    train = manifest.split("train")
     known = []
     for task in tasks:
         cls = get_extractor(task.extractor)
         if cls.fit_required:
+            train = fit_rows(manifest, task)
             fitted = find_fitted(store, task.name, fit_key(task.extractor, cls.version, task.params, train))
             if fitted is None:
                 continue

@@ -172,16 +172,35 @@ class Spill:
         return table.slice(start - first * self.group_rows, stop - start)
 
     def take(self, positions: np.ndarray, columns: list[str] | None = None):
-        """The rows at ``positions`` (in that order) as an Arrow table."""
+        """The rows at ``positions`` (in that order) as an Arrow table. Batches are read
+        ``TAKE_BATCHES`` at a time: spread-out positions (an evenly spaced subset) must not read
+        the whole file into memory at once."""
         import pyarrow as pa
 
         positions = np.asarray(positions, dtype=np.int64)
         if len(positions) == 0:
             return self.schema.empty_table().select(columns or self.schema.names)
-        groups = np.unique(positions // self.group_rows)
-        table = self._groups(groups.tolist(), columns)
-        starts = np.searchsorted(groups, positions // self.group_rows) * self.group_rows
-        return table.take(pa.array(starts + positions % self.group_rows))
+        batch_of = positions // self.group_rows
+        batches = np.unique(batch_of)
+        picked, tables = [], []
+        for i in range(0, len(batches), TAKE_BATCHES):
+            group = batches[i : i + TAKE_BATCHES]
+            sel = np.flatnonzero(np.isin(batch_of, group))  # the positions in these batches
+            starts = np.searchsorted(group, batch_of[sel]) * self.group_rows
+            table = self._groups(group.tolist(), columns)
+            tables.append(table.take(pa.array(starts + positions[sel] % self.group_rows)))
+            picked.append(sel)
+        order = np.empty(len(positions), np.int64)  # where each position's row landed
+        order[np.concatenate(picked)] = np.arange(len(positions))
+        table = pa.concat_tables(tables)
+        return (
+            table
+            if len(tables) == 1 and np.array_equal(order, np.arange(len(order)))
+            else table.take(pa.array(order))
+        )
+
+
+TAKE_BATCHES = 16  # batches of a spill read at once by ``Spill.take``
 
 
 class ExternalSort:

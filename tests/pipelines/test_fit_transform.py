@@ -104,3 +104,40 @@ def test_fit_needs_train_media(tmp_path):
     )
     with pytest.raises(Exception, match="must be fitted on the train split, but no train sample"):
         run_extract(load_extract_config(cfg), progress=False)
+
+
+def test_fit_samples_fits_on_evenly_spaced_train_rows(tmp_path):
+    """``fit_samples: 5`` fits on 5 of the 16 train rows, evenly spaced (rows 0, 3, 6, 9, 12 of the
+    split): the features equal sklearn's fitted on those texts; a second run reuses the artifact."""
+    from features.errors import ConfigError
+
+    rows = corpus()
+    for i in (3, 9):  # words only two of the chosen rows have
+        rows[i] = (*rows[i][:3], rows[i][3] + " lighthouse")
+    rows[1] = (*rows[1][:3], rows[1][3] + " submarine")  # a train row the fit skips
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    groups = {"words": {"extractor": "tfidf", "params": {}, "fit_samples": 5}}
+    cfg = write_extract_config(tmp_path / "c.yaml", manifest, tmp_path / "store", groups, samples_per_shard=5)
+    run_extract(load_extract_config(cfg), progress=False)
+    store = open_store(tmp_path / "store")
+    art = store.meta["groups"]["words"]["artifact"]
+    assert art["fitted_on"] == 5
+    train = [t for _, _, s, t in rows if s == "train"]
+    reference = TfidfVectorizer().fit([train[i] for i in (0, 3, 6, 9, 12)])
+    assert "lighthouse" in reference.vocabulary_ and "submarine" not in reference.vocabulary_
+    texts = {k: t for k, _, _, t in rows}
+    (field,) = store.meta["groups"]["words"]["fields"]
+    urls = [str(store.shard_path("words", s)) for split in ("train", "test") for s in store.shards(split)]
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        got = np.load(io.BytesIO(sample[f"{field}.npy"]), allow_pickle=False)
+        want = reference.transform([texts[sample["__key__"]]]).toarray()[0].astype(np.float32)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert run_extract(load_extract_config(cfg), progress=False).up_to_date
+    bad = write_extract_config(
+        tmp_path / "b.yaml",
+        manifest,
+        tmp_path / "s2",
+        {"audio": {"extractor": "mfcc", "params": {}, "fit_samples": 5}},
+    )
+    with pytest.raises(ConfigError, match=r"groups.audio.fit_samples: extractor 'mfcc' is not fitted"):
+        load_extract_config(bad)

@@ -213,28 +213,3 @@ def test_duplicate_key_found_across_sort_runs_names_the_first_repeat(tmp_path, m
         ManifestError, match=rf"row {row}, column 'key': duplicate key '{key}' \(first at row {at}\)$"
     ):
         read_manifest(path)
-
-
-@pytest.mark.parametrize("fan_in", [2, 16, 100])
-def test_external_sort_merges_runs_like_a_sort(fan_in):
-    """``ExternalSort`` on two columns, with ties in the first, runs of 11 rows and batches of 4,
-    gives the rows of a plain sort: merged at once (fan-in 100), after one pass of merging 16
-    runs at a time into fewer (16), or after several passes (2)."""
-    import random
-
-    from pipelines.spill import ExternalSort
-
-    rng = random.Random(1)
-    rows = [(rng.choice("abcdefg") * rng.randrange(1, 3), rng.randrange(20)) for _ in range(300)]
-    schema = pa.schema([("key", pa.string()), ("n", pa.int64())])
-    with ExternalSort(schema, ["key", "n"], 11, 4, "test-", fan_in=fan_in) as sort:
-        for i in range(0, len(rows), 13):
-            part = rows[i : i + 13]
-            sort.add(pa.table({"key": [r[0] for r in part], "n": [r[1] for r in part]}, schema=schema))
-        got = [
-            (k, n)
-            for t in sort.merged()
-            for k, n in zip(*(t.column(c).to_pylist() for c in ("key", "n")), strict=True)
-        ]
-    assert len(sort.runs) == 0  # closed
-    assert got == sorted(rows)
