@@ -50,7 +50,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         overrides.append(f"max_errors={args.max_errors}")
     config = load_extract_config(args.config, overrides)
     if args.dry_run:
-        manifest, plans, tasks, group_meta = prepare(config)
+        manifest, plans, tasks, group_meta = prepare(config, progress=True)
         print(f"manifest {manifest.path}: {len(manifest)} samples, modalities {manifest.modalities}")
         print(f"{len(plans)} shards of up to {config.samples_per_shard} samples")
         for name, meta in group_meta.items():

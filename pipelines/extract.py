@@ -474,14 +474,14 @@ def previous_layout(loc: Location, samples_per_shard: int) -> Layout | None:
 
 
 def prepare(
-    config: ExtractConfig, incremental: bool = True
+    config: ExtractConfig, incremental: bool = True, progress: bool = False
 ) -> tuple[Manifest, list[ShardPlan], tuple[GroupTask, ...], dict]:
     """Validate everything before any work starts: manifest, groups, parameters; plan shards.
 
     With ``incremental``, samples already in the store keep their shards (appended rows go
-    to new shards).
+    to new shards); ``progress`` shows the manifest's rows as they are validated.
     """
-    manifest = read_manifest(config.manifest, check_files=config.missing_media == "error")
+    manifest = read_manifest(config.manifest, check_files=config.missing_media == "error", progress=progress)
     tasks, metas = [], {}
     for name, gc in config.groups.items():
         ex = create_extractor(gc.extractor, dict(gc.params))
@@ -677,7 +677,7 @@ def _run_extract(config: ExtractConfig, client, overwrite: bool, progress: bool)
     t0 = time.perf_counter()
     store = Location(config.store)
     _check_store_path(store)
-    manifest, plans, tasks, metas = prepare(config, incremental=not overwrite)
+    manifest, plans, tasks, metas = prepare(config, incremental=not overwrite, progress=progress)
     if overwrite:
         _wipe(store)
     resources = _task_resources(config, client) if client is not None else None

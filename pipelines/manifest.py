@@ -443,32 +443,36 @@ def _resolve(value: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, value))
 
 
-def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+def read_manifest(path: str | Path, check_files: bool = True, progress: bool = False) -> Manifest:
     """Read and validate a manifest.
 
     Every problem raises ``ManifestError`` naming the file, the row (1-based, data rows)
     and the column. With ``check_files`` local media files must exist and be readable.
+    ``progress`` shows the rows validated so far (stderr).
 
     Rows are streamed ``_CHUNK`` at a time (CSV and Parquet; JSON lines are parsed whole) into
-    one temporary local Parquet file per split (``ManifestRows``), read back shard by shard;
+    one temporary local Arrow file per split (``ManifestRows``), read back shard by shard;
     duplicate keys are found by an external sort. Memory holds a chunk and a sort run, not the
     manifest: nothing grows with the number of rows but the distinct labels.
     """
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found")
-    for block in _CSV_BLOCKS:
-        try:
-            return _read(path, check_files, block)
-        except _BlockTooSmall:
-            continue  # a CSV row longer than the block: read again with larger blocks
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=f"manifest {path.name}", unit=" rows", unit_scale=True, disable=not progress) as bar:
+        for block in _CSV_BLOCKS:
+            try:
+                return _read(path, check_files, block, bar)
+            except _BlockTooSmall:
+                bar.reset()  # a CSV row longer than the block: read again with larger blocks
     raise ManifestError(
         f"{path}: cannot parse manifest: a row is longer than {_CSV_BLOCKS[-1] >> 20} MB, "
         "the most one CSV row may hold; shorten its inline text"
     )
 
 
-def _read(path: Path, check_files: bool, csv_block: int) -> Manifest:
+def _read(path: Path, check_files: bool, csv_block: int, bar) -> Manifest:
     import pyarrow as pa
 
     from pipelines.spill import ExternalSort, Spill
@@ -534,6 +538,7 @@ def _read(path: Path, check_files: bool, csv_block: int) -> Manifest:
             del table, chunk_keys, chunk_media, values
             release_arrow_memory()  # the chunk's transients: mimalloc would keep their pages
             start += chunk.num_rows
+            bar.update(chunk.num_rows)
         if start == 0:
             raise ManifestError(f"{path}: manifest has no rows")
         for spill in spills.values():

@@ -213,3 +213,12 @@ def test_duplicate_key_found_across_sort_runs_names_the_first_repeat(tmp_path, m
         ManifestError, match=rf"row {row}, column 'key': duplicate key '{key}' \(first at row {at}\)$"
     ):
         read_manifest(path)
+
+
+def test_progress_shows_the_rows_validated(tmp_path, capsys):
+    rows = [f"k{i},{i % 3},train,t{i}" for i in range(20_000)]
+    read_manifest(write_csv(tmp_path / "m.csv", rows, "key,label,split,text"), progress=True)
+    err = capsys.readouterr().err
+    assert "manifest m.csv" in err and "20.0k rows" in err
+    read_manifest(tmp_path / "m.csv")
+    assert capsys.readouterr().err == ""  # silent by default
