@@ -33,10 +33,10 @@ def release_arrow_memory() -> None:
 @contextmanager
 def system_memory_pool():
     """Arrow's allocations inside the block on the C library's allocator (then the default pool
-    again). Arrow's default, mimalloc, kept the pages of buffers that Parquet's reader threads
-    allocated and the caller freed, beyond ``release_unused``: reading a 300k-row spill back raised
-    the RSS by 12 MB with nothing allocated; on the system allocator, by 1 MB (BENCHMARKS.md,
-    "Driver memory"). The ``extract`` driver runs inside it."""
+    again). Arrow's default, mimalloc, kept the pages of buffers that Arrow's reader threads
+    allocated and the caller freed, beyond ``release_unused``: reading a 300k-row spill (then a
+    Parquet file) back raised the RSS by 12 MB with nothing allocated; on the system allocator,
+    by 1 MB (BENCHMARKS.md, "Driver memory"). The ``extract`` driver runs inside it."""
     import pyarrow as pa
 
     before = pa.default_memory_pool()
