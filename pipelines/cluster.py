@@ -28,8 +28,8 @@ QUIET = {
 
 # The driver's message log: every Dask comm keeps its last ``low-level-log-length`` (1,000)
 # messages under 1 MB for debugging (``BatchedSend.recent_message_log``), and a shard task's
-# message carries its shard's rows: 86 MB held at 1M samples (1,000 shards), growing with the
-# number of samples (BENCHMARKS.md, "Driver memory"). The client (and a LocalCluster's
+# message carries its shard's rows: 8.6 MB held at 100k samples (100 shards), every task's
+# message up to 1,000 (BENCHMARKS.md, "Driver memory"). The client (and a LocalCluster's
 # scheduler, which runs in the driver) keep none.
 DRIVER = {"distributed.admin.low-level-log-length": 0}
 

@@ -179,21 +179,15 @@ class ManifestRows(Sequence):
         media = [m for m in MODALITY_COLUMNS if any(m in s.media for s in samples)]
         schema = _spill_schema(media)
         spills = {s: Spill(schema, _SPILL_ROWS, f"modalstore-{s}-") for s in SPLITS}
-        present = dict.fromkeys(media, 0)
         for split in SPLITS:
             ours = [s for s in samples if s.split == split]
             for start in range(0, len(ours), _CHUNK):
-                chunk = ours[start : start + _CHUNK]
-                cols = {
-                    "key": pa.array([s.key for s in chunk], pa.string()),
-                    "label": pa.array([s.label for s in chunk], pa.int64()),
-                    "row": pa.array([s.row for s in chunk], pa.int64()),
-                }
-                for m in media:
-                    cols[m] = pa.array([_encode(s.media.get(m)) for s in chunk], pa.binary())
-                    present[m] += sum(m in s.media for s in chunk)
-                spills[split].append(pa.table(cols, schema=schema))
+                t = SampleTable.from_samples(ours[start : start + _CHUNK])
+                nulls = pa.nulls(len(t), pa.binary())
+                columns = {"key": t.keys, "label": t.labels, "row": t.rows}
+                spills[split].append(pa.table({**columns, **{m: t.media.get(m, nulls) for m in media}}))
             spills[split].close()
+        present = {m: sum(m in s.media for s in samples) for m in media}
         return cls(spills, None, present)
 
     def split(self, split: str) -> SplitRows:

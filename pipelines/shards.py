@@ -76,29 +76,27 @@ def plan_shards(
         part = rows.split(split)
         prefix = f"{split}-"
         numbers = [int(n.rsplit("-", 1)[1]) for n in names if n.startswith(prefix)]
+        new = part  # the rows for new shards: without a previous shard of this split, all of them
+        if numbers:  # known keys stay in their previous shard, in their previous order
+            keys = part.arrow(["key"]).column("key")
+            pos = pc.index_in(keys, value_set=previous.keys).fill_null(-1).to_numpy()
+            code = np.full(len(part), -1, np.int64)
+            index = np.zeros(len(part), np.int64)
+            known = pos >= 0
+            code[known] = shard_codes[pos[known]]
+            index[known] = previous.index[pos[known]]
+            ours = np.array([n.startswith(prefix) for n in names] + [False], dtype=bool)  # [-1]: unknown key
+            mine = ours[code]
+            kept = np.flatnonzero(mine)
+            for c in sorted(set(code[kept].tolist()), key=names.__getitem__):
+                in_shard = kept[code[kept] == c]
+                in_shard = in_shard[np.argsort(index[in_shard], kind="stable")]
+                plans.append(ShardPlan(names[c], split, part.at(in_shard)))
+            new = part.at(np.flatnonzero(~mine))
         start = max(numbers) + 1 if numbers else 0
-        if not numbers:  # a range of the split's rows per shard
-            for i in range(0, len(part), samples_per_shard):
-                name = f"{split}-{start + i // samples_per_shard:06d}"
-                plans.append(ShardPlan(name, split, part[i : i + samples_per_shard]))
-            continue
-        keys = part.arrow(["key"]).column("key")
-        pos = pc.index_in(keys, value_set=previous.keys).fill_null(-1).to_numpy()
-        code = np.full(len(part), -1, np.int64)
-        index = np.zeros(len(part), np.int64)
-        known = pos >= 0
-        code[known] = shard_codes[pos[known]]
-        index[known] = previous.index[pos[known]]
-        ours = np.array([n.startswith(prefix) for n in names] + [False], dtype=bool)  # [-1]: unknown key
-        mine = ours[code]
-        kept, new = np.flatnonzero(mine), np.flatnonzero(~mine)
-        for c in sorted(set(code[kept].tolist()), key=names.__getitem__):
-            in_shard = kept[code[kept] == c]
-            in_shard = in_shard[np.argsort(index[in_shard], kind="stable")]
-            plans.append(ShardPlan(names[c], split, part.at(in_shard)))
         for i in range(0, len(new), samples_per_shard):
             name = f"{split}-{start + i // samples_per_shard:06d}"
-            plans.append(ShardPlan(name, split, part.at(new[i : i + samples_per_shard])))
+            plans.append(ShardPlan(name, split, new[i : i + samples_per_shard]))
     return plans
 
 

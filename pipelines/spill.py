@@ -73,8 +73,8 @@ class _BatchFile:
         """Append ``table`` (one or more rows) as one batch; returns its number."""
         if table.num_rows == 0:
             raise ValueError("an empty batch")
-        for batch in table.combine_chunks().to_batches():
-            self._writer.write_batch(batch)
+        (batch,) = table.combine_chunks().to_batches()
+        self._writer.write_batch(batch)
         self.batches += 1
         return self.batches - 1
 
@@ -136,23 +136,15 @@ class Spill:
         self._pending.append(table.select(self.schema.names).cast(self.schema))
         self._pending_rows += table.num_rows
         self.rows += table.num_rows
-        while self._pending_rows >= self.group_rows:
-            self._flush(self.group_rows)
-
-    def _flush(self, n: int) -> None:
-        import pyarrow as pa
-
-        table = pa.concat_tables(self._pending)
-        self._file.write(table.slice(0, n))
-        rest = table.slice(n)
-        self._pending, self._pending_rows = [rest], rest.num_rows
+        if self._pending_rows >= self.group_rows:
+            self._pending = _write_batches(self._file, self._pending, self.group_rows, last=False)[1]
+            self._pending_rows = sum(t.num_rows for t in self._pending)
 
     def close(self) -> None:
         """Finish writing; the rows can be read from now on."""
         if self._closed:
             return
-        if self._pending_rows:
-            self._flush(self._pending_rows)
+        _write_batches(self._file, self._pending, self.group_rows, last=True)
         self._pending = []
         self._file.finish()
         self._closed = True
@@ -193,11 +185,7 @@ class Spill:
         order = np.empty(len(positions), np.int64)  # where each position's row landed
         order[np.concatenate(picked)] = np.arange(len(positions))
         table = pa.concat_tables(tables)
-        return (
-            table
-            if len(tables) == 1 and np.array_equal(order, np.arange(len(order)))
-            else table.take(pa.array(order))
-        )
+        return table if np.array_equal(order, np.arange(len(order))) else table.take(pa.array(order))
 
 
 TAKE_BATCHES = 16  # batches of a spill read at once by ``Spill.take``

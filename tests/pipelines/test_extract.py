@@ -188,7 +188,7 @@ def _kept_messages(client) -> int:
 
 @pytest.mark.slow
 def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp_path):
-    from pipelines.cluster import QUIET, local_client, shutdown
+    from pipelines.cluster import local_client, shutdown
 
     cfg = write_extract_config(tmp_path / "c.yaml", demo_dir / "manifest.csv", tmp_path / "store")
     client = local_client(2)
@@ -202,7 +202,15 @@ def test_dask_local_cluster_gives_byte_identical_store(tiny_store, demo_dir, tmp
     assert kept == 0
     assert len(settings) == 2
     for got in settings.values():
-        assert got == {**QUIET, "MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+        assert got == {
+            # written out, not read from QUIET: the values BENCHMARKS.md measured
+            "distributed.worker.profile.enabled": False,
+            "distributed.admin.tick.interval": "1s",
+            "distributed.admin.system-monitor.interval": "2s",
+            "distributed.worker.memory.monitor-interval": "500ms",
+            "MALLOC_TRIM_THRESHOLD_": None,
+            "OMP_NUM_THREADS": "1",
+        }
     serial = {
         (r["group"], r["shard"]): r["sha256"]
         for r in pq.read_table(tiny_store / "catalog/shards.parquet").to_pylist()
